@@ -1,0 +1,35 @@
+"""torchbp: backpropagation written by hand from BP1-BP4, checkable against PyTorch, and visible.
+
+- :mod:`torchbp.functional`: autograd Functions with hand-written backward passes.
+- :mod:`torchbp.nn`: drop-in ``torch.nn`` layers and losses built on them; :func:`convert`.
+"""
+
+from . import functional, nn
+from .nn import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    Linear,
+    MSELoss,
+    QuadraticCost,
+    ReLU,
+    Sigmoid,
+    convert,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "nn",
+    "convert",
+    "Linear",
+    "Sigmoid",
+    "ReLU",
+    "MSELoss",
+    "QuadraticCost",
+    "CrossEntropyLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "__version__",
+]

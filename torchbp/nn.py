@@ -1,0 +1,183 @@
+r"""Drop-in replacements for ``torch.nn`` layers and losses, with hand-written backward passes.
+
+Each class subclasses its ``torch.nn`` counterpart and only replaces ``forward``, so constructor
+arguments and defaults, parameter names, ``state_dict`` keys, ``reset_parameters`` (the same seed
+gives the same weights), ``repr`` and ``isinstance(m, torch.nn.Linear)`` are torch's own.
+:func:`convert` swaps them into an existing model.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = [
+    "Linear",
+    "Sigmoid",
+    "ReLU",
+    "MSELoss",
+    "QuadraticCost",
+    "CrossEntropyLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "convert",
+]
+
+
+class Linear(nn.Linear):
+    r"""Applies :math:`z = a w^T + b`, as :class:`torch.nn.Linear`, with backward from BP2-BP4.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: if ``False``, the layer learns no additive bias. Default: ``True``.
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(*, out_features)``.
+
+    Example::
+
+        >>> m = torchbp.nn.Linear(20, 30)
+        >>> m(torch.randn(128, 20)).shape
+        torch.Size([128, 30])
+    """
+
+    #: Set by :class:`torchbp.DeltaMonitor` to receive δ^l in backward; ``None`` costs nothing.
+    delta_tap = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F._linear(input, self.weight, self.bias, self.delta_tap)
+
+
+class Sigmoid(nn.Sigmoid):
+    r"""Applies :math:`σ(z) = 1/(1 + e^{-z})` element-wise; backward :math:`⊙ σ(z)(1 − σ(z))`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.sigmoid(input)
+
+
+class ReLU(nn.ReLU):
+    r"""Applies :math:`\max(z, 0)` element-wise; backward :math:`⊙ 1[z > 0]`.
+
+    Args:
+        inplace: overwrite the input. Default: ``False``.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.relu(input, inplace=self.inplace)
+
+
+class MSELoss(nn.MSELoss):
+    r"""Mean squared error, as :class:`torch.nn.MSELoss`: ``'mean'`` divides by every element, no ½.
+
+    Args:
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(input, target, reduction=self.reduction)
+
+
+class QuadraticCost(nn.modules.loss._Loss):
+    r"""Nielsen's quadratic cost :math:`C = \frac{1}{2n} \sum_x \lVert y(x) − a(x) \rVert^2`.
+
+    ``n`` is the batch size; see :func:`torchbp.functional.quadratic_cost`.
+
+    Args:
+        reduction: ``'mean'`` (divide by ``n``) | ``'sum'`` | ``'none'`` (½‖y − a‖² per sample).
+            Default: ``'mean'``.
+
+    Shape:
+        - Input: ``(N, *)`` or ``(out,)``; target: the same shape.
+        - Output: scalar, or ``(N,)`` with ``reduction='none'``.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.quadratic_cost(input, target, reduction=self.reduction)
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    r"""Softmax with cross-entropy, as :class:`torch.nn.CrossEntropyLoss`; δ^L = softmax(z) − y.
+
+    Args: as :class:`torch.nn.CrossEntropyLoss` (``weight``, ``ignore_index``, ``reduction``,
+    ``label_smoothing``).
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class BCELoss(nn.BCELoss):
+    r"""Binary cross-entropy on probabilities, as :class:`torch.nn.BCELoss`; after a sigmoid, δ^L = a − y."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    r"""Sigmoid and binary cross-entropy on logits, as :class:`torch.nn.BCEWithLogitsLoss`; δ^L = σ(z) − y."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(
+            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
+        )
+
+
+_REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: Linear,
+    nn.Sigmoid: Sigmoid,
+    nn.ReLU: ReLU,
+    nn.MSELoss: MSELoss,
+    nn.CrossEntropyLoss: CrossEntropyLoss,
+    nn.BCELoss: BCELoss,
+    nn.BCEWithLogitsLoss: BCEWithLogitsLoss,
+}
+
+
+def convert(module: nn.Module) -> nn.Module:
+    r"""Make every ``torch.nn`` layer and loss that torchbp replaces use torchbp's backward, in place.
+
+    Converts ``Linear``, ``Sigmoid``, ``ReLU``, ``MSELoss``, ``CrossEntropyLoss``, ``BCELoss`` and
+    ``BCEWithLogitsLoss`` anywhere inside ``module`` (``module`` itself included), recursively. Only
+    those exact classes are converted; subclasses (which may have a forward of their own) are left
+    alone. Each converted module keeps its identity, its Parameter and buffer objects, hooks and
+    mode: an optimizer built before still trains the model, and references to submodules stay valid.
+
+    Args:
+        module: the model.
+
+    Returns:
+        ``module``, converted.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+        >>> torchbp.convert(model)
+        Sequential(
+          (0): Linear(in_features=4, out_features=3, bias=True)
+          (1): ReLU()
+        )
+        >>> type(model[0])
+        <class 'torchbp.nn.Linear'>
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert(): expected a torch.nn.Module, got {type(module).__name__}")
+    for m in module.modules():
+        new_class = _REPLACEMENTS.get(type(m))
+        if new_class is not None:
+            # The torchbp class adds only a forward to torch's, so the object stays valid as it is.
+            m.__class__ = new_class
+    return module
+
