@@ -2,9 +2,11 @@
 
 - :mod:`torchbp.functional`: autograd Functions with hand-written backward passes.
 - :mod:`torchbp.nn`: drop-in ``torch.nn`` layers and losses built on them; :func:`convert`.
+- :class:`DeltaMonitor`: the per-layer error δ^l = ∂C/∂z^l, recorded in backward, logged to TensorBoard.
 """
 
 from . import functional, nn
+from .monitor import DeltaMonitor
 from .nn import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -23,6 +25,7 @@ __all__ = [
     "functional",
     "nn",
     "convert",
+    "DeltaMonitor",
     "Linear",
     "Sigmoid",
     "ReLU",

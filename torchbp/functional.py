@@ -195,6 +195,8 @@ def _check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, tap) -> Tensor:
     _check_linear(input, weight, bias)
+    if tap is not None and torch.compiler.is_compiling():
+        tap = None  # the monitor records eager backward passes only
     input, weight, bias = _autocast(None, input, weight, bias)
     return LinearFunction.apply(input, weight, bias, tap)
 
@@ -262,7 +264,7 @@ class ReLUFunction(torch.autograd.Function):
             ctx.mark_dirty(input)
         ctx.save_for_backward(output)  # a > 0 exactly where z > 0; torch's relu saves the same
         # A monitored Linear right before this ReLU learns which of its units are dead.
-        ctx.tap = getattr(input.grad_fn, "tap", None) if _active_taps else None
+        ctx.tap = getattr(input.grad_fn, "tap", None) if _active_taps and not torch.compiler.is_compiling() else None
 
     @staticmethod
     def backward(ctx, grad: Tensor):

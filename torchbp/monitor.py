@@ -1,0 +1,355 @@
+r"""Watch error propagation: the per-layer error δ^l = ∂C/∂z^l, recorded where backward holds it.
+
+δ^l is the ``grad_output`` that :class:`torchbp.functional.LinearFunction`'s hand-written backward
+receives. A :class:`DeltaMonitor` gives each :class:`torchbp.nn.Linear` of a model a *tap*, a small
+callable that the backward calls with δ^l, a^{l-1} and the BP3/BP4 gradients it has just computed.
+The tap reduces them to a few numbers on δ's device (no host sync); at the end of each backward pass
+the monitor derives the gains between layers and, on logging steps only, copies everything to the
+host in one transfer and writes it to TensorBoard.
+
+No module backward hooks are used, and no second backward pass. Without a monitor the taps are
+``None`` and cost nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+from .nn import Linear
+
+__all__ = ["DeltaMonitor", "STATS"]
+
+#: The statistics recorded for each layer and backward pass, with their TensorBoard tag prefix.
+STATS = {
+    "delta_norm": "‖Σ_n δ_n‖, the norm of the bias gradient ∂C/∂b (BP3): the layer's speed of learning",
+    "delta_sample_norm_mean": "mean over samples n of ‖δ_n‖",
+    "delta_sample_norm_max": "max over samples n of ‖δ_n‖",
+    "weight_grad_norm": "‖∂C/∂W‖ (BP4)",
+    "delta_gain": "‖δ^l‖ / ‖δ^{l+1}‖ (Frobenius norms over the batch) to the Linear after it; <1 vanishing, >1 exploding",
+    "dead_fraction": "for a layer followed by ReLU: fraction of units with σ'(z) = 0 for every sample",
+    "delta_nonfinite": "1 if δ held a NaN or Inf, else 0",
+}
+
+
+def _wrapped(t: Tensor) -> bool:
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+class _LayerTap:
+    """Called by LinearFunction.backward (and the ReLU after the layer) with what backward holds."""
+
+    def __init__(self, monitor: DeltaMonitor, name: str) -> None:
+        self.monitor = monitor
+        self.name = name
+        self.dead: Tensor | None = None
+
+    def relu_mask(self, active: Tensor) -> None:
+        """From the ReLU applied to this layer's output: ``active`` is σ'(z) > 0, shape (*, out)."""
+        if not _wrapped(active):
+            self.dead = ~active.reshape(-1, active.shape[-1]).any(0)
+
+    @torch.no_grad()
+    def __call__(self, delta: Tensor, input: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+        if _wrapped(delta):  # inside torch.func / torch.compile: not a real backward pass
+            return
+        d = delta.detach()
+        n = d.shape[0] if d.dim() > 1 else 1
+        per_sample = torch.linalg.vector_norm(d.reshape(n, -1), dim=1)  # ‖δ_n‖
+        bias_grad = grad_bias if grad_bias is not None else d.reshape(-1, d.shape[-1]).sum(0)  # BP3
+        empty = per_sample.new_zeros(()) if n == 0 else None
+        stats = {
+            "delta_norm": torch.linalg.vector_norm(bias_grad),
+            "delta_sample_norm_mean": empty if n == 0 else per_sample.mean(),
+            "delta_sample_norm_max": empty if n == 0 else per_sample.max(),
+            "weight_grad_norm": None if grad_weight is None else torch.linalg.vector_norm(grad_weight),
+            "dead_fraction": None if self.dead is None else self.dead.float().mean(),
+            "delta_nonfinite": ~torch.isfinite(bias_grad).all(),
+            "_delta_fro": torch.linalg.vector_norm(per_sample),
+        }
+        self.dead = None
+        per_sample_grads = None
+        if self.monitor.per_sample_norms:
+            per_sample_grads = _per_sample_grad_norms(d, input.detach(), per_sample, grad_bias is not None)
+        if self.monitor.histogram_due:
+            self.monitor._histogram(self.name, d)
+        self.monitor._record(self.name, stats, per_sample_grads)
+
+
+def _per_sample_grad_norms(delta: Tensor, a: Tensor, delta_norms: Tensor, has_bias: bool) -> dict[str, Tensor | None]:
+    r"""‖∂C_n/∂W‖ and ‖∂C_n/∂b‖ per sample n, from BP4's rank-1 structure, without per-sample gradients.
+
+    For 2-D inputs ∂C_n/∂W = δ_n a_n^T, so ‖∂C_n/∂W‖ = ‖δ_n‖ ‖a_n‖. For (N, T, in) inputs
+    ∂C_n/∂W = Σ_t δ_nt a_nt^T, and ‖·‖² = Σ_{t,s} (δ_nt·δ_ns)(a_nt·a_ns), the sum of the product of the
+    two Gram matrices (or the explicit (out, in) sum when that is smaller than T×T).
+    """
+    if delta.dim() <= 2:
+        a_norms = torch.linalg.vector_norm(a.reshape(delta_norms.shape[0], -1), dim=1)
+        return {"weight": delta_norms * a_norms, "bias": delta_norms if has_bias else None}
+    n = delta.shape[0]
+    d3 = delta.reshape(n, -1, delta.shape[-1])
+    a3 = a.reshape(n, -1, a.shape[-1]).to(d3.dtype)
+    t = d3.shape[1]
+    if t * t <= d3.shape[2] * a3.shape[2]:
+        sq = ((d3 @ d3.mT) * (a3 @ a3.mT)).sum((1, 2))
+    else:
+        sq = (d3.mT @ a3).square().sum((1, 2))
+    bias = torch.linalg.vector_norm(d3.sum(1), dim=1) if has_bias else None
+    return {"weight": sq.clamp_min(0).sqrt(), "bias": bias}
+
+
+class DeltaMonitor:
+    r"""Records δ^l = ∂C/∂z^l of every :class:`torchbp.nn.Linear` of a model on every backward pass.
+
+    For each layer and backward pass it computes, on δ's device and without a host sync:
+
+    ============================  ===================================================================
+    TensorBoard tag               value
+    ============================  ===================================================================
+    ``delta_norm/<layer>``        ‖Σ_n δ_n‖ = ‖∂C/∂b‖ (BP3), Nielsen's speed of learning of the layer
+    ``delta_sample_norm_mean/…``  mean over samples of ‖δ_n‖
+    ``delta_sample_norm_max/…``   max over samples of ‖δ_n‖
+    ``weight_grad_norm/…``        ‖∂C/∂W‖ (BP4)
+    ``delta_gain/…``              ‖δ^l‖ / ‖δ^{l+1}‖, Frobenius norms over the batch, where l+1 is the
+                                  Linear whose backward ran just before (the next layer of an MLP);
+                                  < 1 vanishing, > 1 exploding; absent for the output layer
+    ``dead_fraction/…``           for a layer whose output goes straight into a torchbp ReLU: the
+                                  fraction of units whose σ'(z) was 0 for every sample
+    ``delta_nonfinite/…``         1 if δ held a NaN or Inf, else 0
+    ============================  ===================================================================
+
+    ``<layer>`` is the module's qualified name in the model (``"0"``, ``"encoder.fc1"``). A *step*
+    is one backward pass that reaches a monitored layer (``loss.backward()`` or
+    ``torch.autograd.grad``); :attr:`step` counts them from 0.
+
+    Logging. With ``log`` set, the scalars of every ``every``-th step are written in one event and the
+    file is flushed right away, so every finished log interval is on disk even if the process is
+    killed. Histograms of δ per layer (tag ``delta/<layer>``) are written every ``histogram_every``
+    steps. A custom-scalars layout draws all layers' ``delta_norm`` in one chart. On logging steps
+    the values are copied to the host in one transfer; other steps never synchronise.
+
+    Args:
+        model: a module containing :class:`torchbp.nn.Linear` layers (built with them or converted by
+            :func:`torchbp.convert`).
+        log: a log directory (created if needed), a ``torch.utils.tensorboard.SummaryWriter``, or
+            ``None`` to only record (see :meth:`latest`). Default: ``None``.
+        every: log every this many steps. Default: ``1``.
+        histogram_every: write δ histograms every this many steps; ``0`` for never. Default:
+            ``10 * every``.
+        per_sample_norms: also compute each sample's weight- and bias-gradient norm (see
+            :meth:`per_sample_grad_norms`). Default: ``False``.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torchbp.nn.Linear(4, 8), torchbp.nn.ReLU(), torchbp.nn.Linear(8, 3))
+        >>> with torchbp.DeltaMonitor(model, log="runs/example") as monitor:
+        ...     torchbp.nn.CrossEntropyLoss()(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+        >>> sorted(monitor.latest())
+        ['0', '2']
+
+    Limitations: only eager backward passes are recorded; code compiled with ``torch.compile`` and
+    ``torch.func`` transforms run without the taps. A layer called several times in one forward is
+    recorded once per call; :meth:`latest` keeps the last call's values.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        log: str | os.PathLike | Any | None = None,
+        every: int = 1,
+        histogram_every: int | None = None,
+        per_sample_norms: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"DeltaMonitor: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"DeltaMonitor: every must be a positive int, got {every!r}")
+        histogram_every = 10 * every if histogram_every is None else histogram_every
+        if not isinstance(histogram_every, int) or histogram_every < 0:
+            raise ValueError(f"DeltaMonitor: histogram_every must be an int >= 0, got {histogram_every!r}")
+        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+        if not self.layers:
+            plain = [name or "<model>" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+            hint = (
+                f"; it has torch.nn.Linear layers ({', '.join(plain[:5])}): call torchbp.convert(model) first"
+                if plain
+                else "; build the model with torchbp.nn.Linear or call torchbp.convert(model)"
+            )
+            raise ValueError(f"DeltaMonitor: found no torchbp.nn.Linear in {type(model).__name__}{hint}")
+        self.every = every
+        self.histogram_every = histogram_every
+        self.per_sample_norms = bool(per_sample_norms)
+        self.step = -1  # index of the current (or last) backward pass
+        self.writer, self._owns_writer = _open_writer(log)
+        self._layout_written = False
+        self._records: dict[str, dict[str, Tensor | None]] = {}
+        self._order: list[str] = []
+        self._per_sample: dict[str, dict[str, Tensor | None]] = {}
+        self._last: dict[str, dict[str, Tensor | None]] = {}
+        self._last_order: list[str] = []
+        self._task = None
+        self._attached = False
+        self.attach()
+
+    # -- attaching ---------------------------------------------------------------------------------
+
+    def attach(self) -> DeltaMonitor:
+        """Give every monitored layer its tap (done by the constructor)."""
+        if not self._attached:
+            for name, layer in self.layers.items():
+                if isinstance(layer.__dict__.get("delta_tap"), _LayerTap):
+                    raise RuntimeError(f"DeltaMonitor: layer {name!r} is already monitored; close the other monitor first")
+                layer.delta_tap = _LayerTap(self, name)
+            functional._active_taps += 1
+            self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove the taps: the model runs exactly as without a monitor."""
+        if self._attached:
+            for layer in self.layers.values():
+                layer.__dict__.pop("delta_tap", None)
+            functional._active_taps -= 1
+            self._attached = False
+
+    def close(self) -> None:
+        """Detach, flush the writer, and close it if the monitor opened it."""
+        self.detach()
+        if self.writer is not None:
+            self.writer.flush()
+            if self._owns_writer:
+                self.writer.close()
+
+    def __enter__(self) -> DeltaMonitor:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- recording (called from backward) ------------------------------------------------------------
+
+    def _record(self, name: str, stats: dict[str, Tensor | None], per_sample: dict | None) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._task:  # first monitored layer of a new backward pass
+            self._task = task
+            self.step += 1
+            self._records, self._order, self._per_sample = {}, [], {}
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if name not in self._records:
+            self._order.append(name)
+        self._records[name] = stats
+        if per_sample is not None:
+            self._per_sample[name] = per_sample
+
+    @property
+    def histogram_due(self) -> bool:
+        """Whether the backward pass under way writes histograms."""
+        return self.writer is not None and self.histogram_every > 0 and self._pending_step() % self.histogram_every == 0
+
+    def _pending_step(self) -> int:
+        return self.step if torch._C._current_graph_task_id() == self._task else self.step + 1
+
+    def _histogram(self, name: str, delta: Tensor) -> None:
+        self.writer.add_histogram(f"delta/{name}", delta.float(), self._pending_step())
+
+    def _end_of_backward(self) -> None:
+        records, order = self._records, self._order
+        previous = None
+        for name in order:  # backward order: the output layer first
+            stats = records[name]
+            fro = stats.pop("_delta_fro")
+            stats["delta_gain"] = None if previous is None else fro / previous
+            previous = fro
+        self._last, self._last_order = records, order
+        self._task = None
+        if self.writer is not None and self.step % self.every == 0:
+            self._write(self.step)
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def latest(self) -> dict[str, dict[str, float | None]]:
+        """The last backward pass's statistics per layer (qualified name -> {stat: value}).
+
+        Keys are those of :data:`STATS`; ``delta_nonfinite`` is a bool, and a value that does not
+        apply (the output layer's gain, dead units of a layer not followed by ReLU, the weight
+        gradient of a frozen weight) is ``None``. Reading synchronises with the device once.
+        """
+        names, values = self._host_values()
+        out: dict[str, dict[str, Any]] = {}
+        for (layer, stat), value in zip(names, values):
+            out.setdefault(layer, {k: None for k in STATS})[stat] = bool(value) if stat == "delta_nonfinite" else value
+        return out
+
+    @property
+    def first_nonfinite(self) -> str | None:
+        """The first layer, in backward order, whose δ was not finite in the last backward pass."""
+        for name, stats in self.latest().items():
+            if stats["delta_nonfinite"]:
+                return name
+        return None
+
+    def per_sample_grad_norms(self) -> dict[str, dict[str, Tensor | None]]:
+        """Per layer, each sample's ‖∂C_n/∂W‖ and ‖∂C_n/∂b‖ from the last backward pass.
+
+        Returns ``{layer: {"weight": Tensor(N), "bias": Tensor(N) or None}}``, computed from BP4's
+        rank-1 structure without building per-sample gradients. ``C_n`` is sample n's term of the
+        loss as it was reduced (a ``'mean'`` loss carries its 1/N). Needs ``per_sample_norms=True``.
+        """
+        if not self.per_sample_norms:
+            raise RuntimeError("DeltaMonitor: per-sample norms are off; create the monitor with per_sample_norms=True")
+        return dict(self._per_sample)
+
+    def _host_values(self) -> tuple[list[tuple[str, str]], list[float]]:
+        names, tensors = [], []
+        for layer in self._last_order:
+            for stat, value in self._last[layer].items():
+                if value is not None:
+                    names.append((layer, stat))
+                    tensors.append(value.float())
+        if not tensors:
+            return [], []
+        return names, torch.stack(tensors).tolist()  # the one host transfer
+
+    def _write(self, step: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        names, values = self._host_values()
+        if not self._layout_written:
+            self.writer.add_custom_scalars(
+                {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
+            )
+            self._layout_written = True
+        summary = Summary(value=[Summary.Value(tag=f"{stat}/{layer}", simple_value=v) for (layer, stat), v in zip(names, values)])
+        self.writer._get_file_writer().add_summary(summary, step)
+        self.writer.flush()  # the flush policy: each logged step is on disk before training goes on
+        bad = [layer for (layer, stat), v in zip(names, values) if stat == "delta_nonfinite" and v]
+        if bad:
+            warnings.warn(f"DeltaMonitor: δ is not finite at step {step}, first in layer {bad[0]!r}", stacklevel=2)
+
+
+def _open_writer(log):
+    if log is None:
+        return None, False
+    if hasattr(log, "add_scalar") and hasattr(log, "_get_file_writer"):
+        return log, False
+    if not isinstance(log, (str, os.PathLike)):
+        raise TypeError(f"DeltaMonitor: log must be a directory path or a SummaryWriter, got {type(log).__name__}")
+    path = os.fspath(log)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".torchbp-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise type(e)(e.errno, f"DeltaMonitor: cannot write TensorBoard logs to {path!r} ({e.strerror}); pass a writable directory") from None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("DeltaMonitor: logging needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(path), True
