@@ -51,6 +51,20 @@ __all__ = [
 # Number of attached delta monitors. While it is 0, the forward passes do no monitoring work at all.
 _active_taps = 0
 
+_base_apply = torch._C._FunctionBase.__dict__["apply"]
+
+
+def _apply(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)``; in plain eager mode without ``Function.apply``'s Python prologue.
+
+    That prologue binds the arguments to ``forward``'s signature on every call (for default values;
+    every call here passes all arguments) and routes torch.func transforms; skipping it when no
+    transform is active and nothing is being compiled halves the per-call overhead.
+    """
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return fn.apply(*args)
+    return _base_apply.__get__(None, fn)(*args)
+
 
 # --------------------------------------------------------------------------------------------------
 # Validation helpers (public entry points only)
@@ -117,7 +131,7 @@ def _autocast(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tenso
     """Cast floating tensors as torch.autocast would (``dtype=None``: the autocast dtype), else no-op."""
     first = tensors[0]
     assert first is not None
-    if not torch.is_autocast_enabled(first.device.type):
+    if not torch._C._is_any_autocast_enabled() or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = dtype or torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
@@ -175,9 +189,10 @@ class LinearFunction(torch.autograd.Function):
 
 
 def _check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    _check_tensor("linear", "input", input)
-    _check_tensor("linear", "weight", weight)
-    _check_tensor("linear", "bias", bias, optional=True)
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))):
+        _check_tensor("linear", "input", input)
+        _check_tensor("linear", "weight", weight)
+        _check_tensor("linear", "bias", bias, optional=True)
     if weight.dim() != 2:
         raise RuntimeError(f"linear(): expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
@@ -185,11 +200,13 @@ def _check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             f"linear(): expected input with last dimension {weight.shape[1]} (in_features), "
             f"got shape {tuple(input.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and bias.shape != weight.shape[:1]:
         raise RuntimeError(f"linear(): expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    dtype, device = input.dtype, input.device
     for name, t in (("weight", weight), ("bias", bias)):
-        _check_device("linear", input, name, t)
-        if not torch.is_autocast_enabled(input.device.type):
+        if t is not None and t.device != device:
+            _check_device("linear", input, name, t)
+        if t is not None and t.dtype != dtype and not torch._C._is_any_autocast_enabled():
             _check_dtype("linear", input, name, t)
 
 
@@ -198,7 +215,7 @@ def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, tap) -> Tensor:
     if tap is not None and torch.compiler.is_compiling():
         tap = None  # the monitor records eager backward passes only
     input, weight, bias = _autocast(None, input, weight, bias)
-    return LinearFunction.apply(input, weight, bias, tap)
+    return _apply(LinearFunction, input, weight, bias, tap)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -286,7 +303,7 @@ def sigmoid(input: Tensor) -> Tensor:
         tensor([0.5000, 0.5000])
     """
     _check_tensor("sigmoid", "input", input)
-    return SigmoidFunction.apply(input)
+    return _apply(SigmoidFunction, input)
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
@@ -302,7 +319,7 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
         tensor([0., 0., 2.])
     """
     _check_tensor("relu", "input", input)
-    return ReLUFunction.apply(input, inplace)
+    return _apply(ReLUFunction, input, inplace)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +415,7 @@ def mse_loss(
             f"got {tuple(weight.shape)}"
         )
     input, target, weight = _autocast(torch.float32, input, target, weight)
-    return MSELossFunction.apply(input, target, weight, reduction)
+    return _apply(MSELossFunction, input, target, weight, reduction)
 
 
 class QuadraticCostFunction(torch.autograd.Function):
@@ -462,7 +479,7 @@ def quadratic_cost(input: Tensor, target: Tensor, reduction: str = "mean") -> Te
     _check_device("quadratic_cost", input, "target", target)
     _check_float("quadratic_cost", "input", input)
     input, target = _autocast(torch.float32, input, target)
-    return QuadraticCostFunction.apply(input, target, reduction)
+    return _apply(QuadraticCostFunction, input, target, reduction)
 
 
 def _view_classes(t: Tensor, logits: Tensor, class_dim: int) -> Tensor:
@@ -483,36 +500,47 @@ class CrossEntropyFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, target, weight, ignore_index, reduction, label_smoothing):
+    def forward(input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored=True):
         return F.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, reduction, label_smoothing = inputs
+        input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored = inputs
         ctx.save_for_backward(input, target, weight)
-        ctx.options = ignore_index, reduction, label_smoothing
+        ctx.options = ignore_index, reduction, label_smoothing, maybe_ignored
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         z, target, weight = ctx.saved_tensors
-        ignore_index, reduction, eps = ctx.options
+        ignore_index, reduction, eps, maybe_ignored = ctx.options
         class_dim = 0 if z.dim() == 1 else 1
         n_classes = z.shape[class_dim]
+        if reduction == "none":
+            grad = grad.unsqueeze(class_dim)
+        if not target.is_floating_point():
+            index = target.unsqueeze(class_dim)
+            if maybe_ignored:
+                keep = index != ignore_index
+                index = index.masked_fill(~keep, 0)
+            y = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index  # one-hot y
+            if weight is None and eps == 0 and not maybe_ignored and not ctx.needs_input_grad[1]:
+                g = _scale(grad, reduction, target.numel())
+                return (torch.softmax(z, class_dim) - y.to(z.dtype)) * g, None, None, None, None, None, None  # BP1: δ^L = a − y
+        # General case: C = −Σ_c q_c log softmax(z)_c, with q the weighted, smoothed target.
         log_p = torch.log_softmax(z, class_dim)
         w = None if weight is None else _view_classes(weight, z, class_dim)
         if target.is_floating_point():  # class probabilities y
             q = target * (1 - eps) + eps / n_classes if eps > 0 else target
             count = z.numel() / n_classes if z.numel() else 0
-        else:  # class indices: one-hot, weighted, smoothed; ignored samples have q = 0
-            keep = (target != ignore_index).unsqueeze(class_dim)
-            index = target.masked_fill(~keep.squeeze(class_dim), 0).unsqueeze(class_dim)
-            one_hot = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index
-            q = torch.where(one_hot & keep, 1 - eps + eps / n_classes, eps / n_classes * keep).to(z.dtype)
-            count = keep.sum() if weight is None else (weight[index] * keep).sum()
-        if reduction == "none":
-            grad = grad.unsqueeze(class_dim)
+        else:  # class indices: one-hot, smoothed; ignored samples have q = 0
+            q = torch.where(y, 1 - eps + eps / n_classes, eps / n_classes).to(z.dtype)
+            if maybe_ignored:
+                q = q * keep
+            count = target.numel() if not maybe_ignored and weight is None else (
+                keep.sum() if weight is None else (weight[index] * keep).sum() if maybe_ignored else weight[index].sum()
+            )
         g = _scale(grad, reduction, count)
         qw = q if w is None else q * w
         delta = (log_p.exp() * qw.sum(class_dim, keepdim=True) - qw) * g  # BP1: δ^L = softmax(z)Σq − q
@@ -522,10 +550,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:  # ∂C/∂w_c for probability targets
             dims = [d for d in range(z.dim()) if d != class_dim]
             grad_weight = -(q * log_p * g).sum(dims) if dims else -(q * log_p * g)
-        return delta, grad_target, grad_weight, None, None, None
+        return delta, grad_target, grad_weight, None, None, None, None
 
 
-def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) -> None:
+def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) -> bool:
+    """Validate; returns whether some target may equal ``ignore_index`` (False only when known)."""
     fn = "cross_entropy"
     _check_tensor(fn, "input", input)
     _check_tensor(fn, "target", target)
@@ -549,7 +578,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                 f"{fn}(): expected probabilities target of the input's shape {tuple(input.shape)}, "
                 f"got {tuple(target.shape)}; for class indices pass an int64 target"
             )
-        return
+        return False
     expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(
@@ -562,13 +591,19 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         )
     if target.shape != expected:
         raise RuntimeError(f"{fn}(): expected target of shape {tuple(expected)}, got {tuple(target.shape)}")
-    if not _is_traced(input, target) and target.numel():
+    if _is_traced(input, target):
+        return True
+    if not target.numel():
+        return False
+    lo, hi = torch.stack(torch.aminmax(target)).tolist()  # one host read
+    if not (0 <= lo and hi < n_classes):
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
         if bad.any():
             raise IndexError(
                 f"{fn}(): target {target[bad][0].item()} is out of bounds: expected class indices in "
                 f"[0, {n_classes - 1}] or ignore_index={ignore_index}"
             )
+    return lo <= ignore_index <= hi
 
 
 def cross_entropy(
@@ -597,13 +632,13 @@ def cross_entropy(
             the non-ignored targets (by ``N * d1 * ...`` for probabilities). Default: ``'mean'``.
         label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution. Default: ``0.0``.
     """
-    _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    maybe_ignored = _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     reduction = _reduction("cross_entropy", reduction, size_average, reduce)
     if not target.is_floating_point():
         _check_not_differentiable("cross_entropy", weight=weight)
         target = target.long()
     input, target, weight = _autocast(torch.float32, input, target, weight)
-    return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+    return _apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored)
 
 
 class BCEFunction(torch.autograd.Function):
@@ -636,6 +671,11 @@ class BCEFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_y = (torch.log1p(-a).clamp_min(-100) - torch.log(a).clamp_min(-100)) * g  # ∂C/∂y
         return grad_a, grad_y, None, None
+
+
+def _within_0_1(t: Tensor) -> bool:
+    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()  # one host read; NaN fails, as in torch
+    return lo >= 0 and hi <= 1
 
 
 def _check_binary(fn: str, input, target, weight, reduction, size_average, reduce, pos_weight=None) -> str:
@@ -691,12 +731,12 @@ def binary_cross_entropy(
     fn = "binary_cross_entropy"
     reduction = _check_binary(fn, input, target, weight, reduction, size_average, reduce)
     _check_dtype(fn, input, "target", target)
-    if not _is_traced(input) and input.numel() and ((input < 0) | (input > 1)).any():
+    if not _is_traced(input) and input.numel() and not _within_0_1(input):
         raise RuntimeError(f"{fn}(): all elements of input should be between 0 and 1 (probabilities)")
     if weight is not None:
         weight = weight.expand(input.shape)
     input, target, weight = _autocast(torch.float32, input, target, weight)
-    return BCEFunction.apply(input, target, weight, reduction)
+    return _apply(BCEFunction, input, target, weight, reduction)
 
 
 class BCEWithLogitsFunction(torch.autograd.Function):
@@ -764,4 +804,4 @@ def binary_cross_entropy_with_logits(
     if not target.is_floating_point():
         raise RuntimeError(f"{fn}(): expected a floating-point target, got dtype {target.dtype}; use target.float()")
     input, target, weight, pos_weight = _autocast(torch.float32, input, target, weight, pos_weight)
-    return BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)
+    return _apply(BCEWithLogitsFunction, input, target, weight, pos_weight, reduction)
