@@ -1,0 +1,494 @@
+r"""The ``torchbp`` command: ``torchbp check`` (and ``python -m torchbp check``).
+
+``torchbp check`` verifies an install on this machine's devices: every function of
+:mod:`torchbp.functional` against ``torch.nn.functional`` (``quadratic_cost`` against its formula
+written with torch ops), forward value and every gradient, under a random upstream gradient, plus
+``torch.autograd.gradcheck`` in float64. One table row per function x device x dtype; exit status 1
+on any mismatch.
+
+The command uses torchbp's public API only, like any user; nothing in torchbp imports this module.
+Each subcommand is one ``_add_<name>_parser(subparsers)`` function that registers its parser and sets
+``func`` (called with the parsed arguments, returns the exit status); :data:`_SUBCOMMANDS` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import torchbp
+import torchbp.functional as bp
+
+__all__ = ["main"]
+
+
+# --------------------------------------------------------------------------------------------------
+# torchbp check: the parity battery
+# --------------------------------------------------------------------------------------------------
+
+#: (rtol, atol) per dtype. float64: torch.testing.assert_close's defaults. float32: rtol 1e-5, and an
+#: atol of 1e-5 times max(1, max|reference|) (a sum of many float32 terms carries an absolute error that
+#: grows with its terms). An element passes when |ours - torch| <= atol + rtol * |torch|.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-5, 1e-5),
+}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def quadratic_cost_formula(input: Tensor, target: Tensor) -> Tensor:
+    """The seeds' C = 1/(2n) Σ_x ‖y(x) − a(x)‖² with torch ops: 0.5 * ((a - y)**2).sum() / N."""
+    return 0.5 * ((input - target) ** 2).sum() / input.shape[0]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One function of the battery.
+
+    ``make(gen)`` returns the arguments as float64 (or int64) CPU tensors drawn from ``gen``; they are
+    cast to the row's dtype and moved to its device. ``grads`` names the arguments differentiated (those
+    torch gives a gradient for). ``gradcheck_args``, when given, adjusts the arguments for gradcheck
+    (e.g. moves ReLU's inputs off its kink at 0, where finite differences are meaningless).
+    """
+
+    name: str
+    ours: Callable[..., Tensor]
+    ref: Callable[..., Tensor]
+    make: Callable[[torch.Generator], dict[str, Tensor]]
+    grads: tuple[str, ...]
+    gradcheck_args: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+
+
+def _randn(gen: torch.Generator, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def _rand(gen: torch.Generator, *shape: int) -> Tensor:
+    return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+
+def _make_relu(gen: torch.Generator) -> dict[str, Tensor]:
+    x = _randn(gen, 4, 6)
+    x[0, :3] = 0.0  # ReLU's gradient at exactly 0 is 0, as torch's
+    return {"input": x}
+
+
+def _relu_off_kink(args: dict[str, Tensor]) -> dict[str, Tensor]:
+    x = args["input"]
+    x = torch.where(x.abs() < 0.1, torch.full_like(x, 0.5), x)
+    return {"input": x}
+
+
+CASES: tuple[Case, ...] = (
+    Case(
+        "linear",
+        bp.linear,
+        F.linear,
+        lambda g: {"input": _randn(g, 2, 3, 5), "weight": _randn(g, 4, 5), "bias": _randn(g, 4)},
+        ("input", "weight", "bias"),
+    ),
+    Case("sigmoid", bp.sigmoid, torch.sigmoid, lambda g: {"input": 3 * _randn(g, 4, 6)}, ("input",)),
+    Case("relu", bp.relu, F.relu, _make_relu, ("input",), _relu_off_kink),
+    Case(
+        "mse_loss",
+        bp.mse_loss,
+        F.mse_loss,
+        lambda g: {"input": _randn(g, 4, 6), "target": _randn(g, 4, 6)},
+        ("input", "target"),
+    ),
+    Case(
+        "quadratic_cost",
+        bp.quadratic_cost,
+        quadratic_cost_formula,
+        lambda g: {"input": _randn(g, 4, 6), "target": _randn(g, 4, 6)},
+        ("input", "target"),
+    ),
+    Case(
+        "cross_entropy (indices)",
+        bp.cross_entropy,
+        F.cross_entropy,
+        lambda g: {"input": 2 * _randn(g, 8, 5), "target": torch.randint(0, 5, (8,), generator=g)},
+        ("input",),
+    ),
+    Case(
+        "cross_entropy (probs)",
+        bp.cross_entropy,
+        F.cross_entropy,
+        lambda g: {"input": 2 * _randn(g, 8, 5), "target": torch.softmax(_randn(g, 8, 5), dim=1)},
+        ("input", "target"),
+    ),
+    Case(
+        "binary_cross_entropy",
+        bp.binary_cross_entropy,
+        F.binary_cross_entropy,
+        # probabilities kept inside [0.1, 0.9], so gradcheck's perturbations stay in (0, 1)
+        lambda g: {"input": 0.1 + 0.8 * _rand(g, 4, 6), "target": _rand(g, 4, 6)},
+        ("input", "target"),
+    ),
+    Case(
+        "binary_cross_entropy_with_logits",
+        bp.binary_cross_entropy_with_logits,
+        F.binary_cross_entropy_with_logits,
+        lambda g: {"input": 3 * _randn(g, 4, 6), "target": _rand(g, 4, 6)},
+        ("input", "target"),
+    ),
+)
+
+
+@dataclass
+class Error:
+    """Max absolute and relative error of one tensor, and the fraction of the tolerance it uses."""
+
+    abs: float = 0.0
+    rel: float = 0.0
+    ratio: float = 0.0  # max |ours - torch| / (atol + rtol |torch|); > 1 fails
+    problem: str = ""  # shape, dtype or None-ness mismatch
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem and self.ratio <= 1.0
+
+
+def _compare(ours: Tensor | None, ref: Tensor | None, dtype: torch.dtype) -> Error:
+    if ref is None or ours is None:
+        if ref is None and ours is None:
+            return Error()
+        return Error(
+            math.inf,
+            math.inf,
+            math.inf,
+            f"torchbp gives {'no' if ours is None else 'a'} gradient, torch gives {'no' if ref is None else 'one'}",
+        )
+    if ours.shape != ref.shape or ours.dtype != ref.dtype or ours.device != ref.device:
+        return Error(
+            math.inf,
+            math.inf,
+            math.inf,
+            f"torchbp gives {tuple(ours.shape)} {ours.dtype} on {ours.device}, "
+            f"torch gives {tuple(ref.shape)} {ref.dtype} on {ref.device}",
+        )
+    rtol, atol = TOLERANCES[dtype]
+    a, e = ours.detach().double(), ref.detach().double()
+    if not e.numel():
+        return Error()
+    finite = e[torch.isfinite(e)]
+    if finite.numel():
+        atol = atol * max(1.0, finite.abs().max().item()) if dtype != torch.float64 else atol
+    both_nan = a.isnan() & e.isnan()
+    same_inf = torch.isinf(e) & (a == e)
+    diff = torch.where(both_nan | same_inf, torch.zeros_like(a), (a - e).abs())
+    diff = torch.where(diff.isnan(), torch.full_like(diff, math.inf), diff)  # NaN on one side only
+    nonzero = e != 0
+    rel = (diff[nonzero] / e[nonzero].abs()).max().item() if nonzero.any() else 0.0
+    # An element with torch's value exactly 0 and ours not has no finite relative error.
+    if (diff[~nonzero] > 0).any():
+        rel = math.inf
+    ratio = (diff / (atol + rtol * e.abs().nan_to_num(posinf=0.0))).max().item()
+    return Error(diff.max().item(), rel, ratio)
+
+
+@dataclass
+class Row:
+    function: str
+    device: str
+    dtype: str
+    forward: Error
+    grads: dict[str, Error]
+    gradcheck: bool | None  # None: not run (float32)
+    error: str = ""  # an exception raised by torchbp or the comparison
+
+    @property
+    def worst_grad(self) -> str:
+        if not self.grads:
+            return "-"
+        return max(self.grads, key=lambda k: (not self.grads[k].ok, self.grads[k].ratio))
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.error
+            and self.forward.ok
+            and all(e.ok for e in self.grads.values())
+            and self.gradcheck is not False
+        )
+
+    def problems(self) -> list[str]:
+        """What failed, one line each."""
+        where = f"{self.function} on {self.device} in {self.dtype}"
+        out = []
+        if self.error:
+            out.append(f"{where}: {self.error}")
+        for label, err in [("forward value", self.forward)] + [(f"grad of {k}", e) for k, e in self.grads.items()]:
+            if err.problem:
+                out.append(f"{where}: {label}: {err.problem}")
+            elif not err.ok:
+                out.append(
+                    f"{where}: {label}: max abs error {err.abs:.3g}, max rel error {err.rel:.3g}, "
+                    f"{err.ratio:.3g}x the tolerance"
+                )
+        if self.gradcheck is False:
+            out.append(f"{where}: torch.autograd.gradcheck failed (hand-written backward vs finite differences)")
+        return out
+
+
+def _leaves(args: dict[str, Tensor], grads: Sequence[str]) -> dict[str, Tensor]:
+    return {k: v.detach().clone().requires_grad_(k in grads) for k, v in args.items()}
+
+
+def _run_case(case: Case, device: str, dtype: torch.dtype, seed: int, index: int) -> Row:
+    dtype_name = str(dtype).removeprefix("torch.")
+    row = Row(case.name, device, dtype_name, Error(), {}, None)
+    gen = torch.Generator().manual_seed(seed * 1009 + index)  # each row independent of the others
+    args = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in case.make(gen).items()}
+    try:
+        ours_args, ref_args = _leaves(args, case.grads), _leaves(args, case.grads)
+        ours = case.ours(**ours_args)
+        ref = case.ref(**ref_args)
+        row.forward = _compare(ours, ref, dtype)
+        upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        ours_grads = torch.autograd.grad(ours, [ours_args[k] for k in case.grads], upstream, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref, [ref_args[k] for k in case.grads], upstream, allow_unused=True)
+        row.grads = {k: _compare(o, r, dtype) for k, o, r in zip(case.grads, ours_grads, ref_grads)}
+        if dtype == torch.float64:
+            gc_args = case.gradcheck_args(args) if case.gradcheck_args else args
+            gc_args = _leaves(gc_args, case.grads)
+            names = list(gc_args)
+            row.gradcheck = torch.autograd.gradcheck(
+                lambda *xs: case.ours(**dict(zip(names, xs))), tuple(gc_args.values()), raise_exception=False
+            )
+    except Exception as exc:  # a failure to report in the table, not to crash the whole check
+        row.error = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if math.isinf(x) or math.isnan(x):
+        return str(x)
+    return f"{x:.1e}"
+
+
+_COLUMNS = (
+    ("function", 32, "<"),
+    ("device", 6, "<"),
+    ("dtype", 7, "<"),
+    ("fwd abs", 8, ">"),
+    ("fwd rel", 8, ">"),
+    ("grad abs", 8, ">"),
+    ("grad rel", 8, ">"),
+    ("worst grad", 10, "<"),
+    ("gradcheck", 9, "<"),
+    ("result", 6, "<"),
+)
+
+
+def _line(cells: Sequence[str]) -> str:
+    return " ".join(f"{c:{align}{width}}" for c, (_, width, align) in zip(cells, _COLUMNS)).rstrip()
+
+
+def _format_row(row: Row) -> str:
+    if row.grads:
+        grad_abs = max(e.abs for e in row.grads.values())
+        grad_rel = max(e.rel for e in row.grads.values())
+    else:
+        grad_abs = grad_rel = math.nan
+    gradcheck = "-" if row.gradcheck is None else ("pass" if row.gradcheck else "FAIL")
+    if row.error and row.gradcheck is None and row.dtype == "float64":
+        gradcheck = "?"
+    return _line(
+        [
+            row.function,
+            row.device,
+            row.dtype,
+            _fmt(row.forward.abs),
+            _fmt(row.forward.rel),
+            _fmt(grad_abs) if row.grads else "-",
+            _fmt(grad_rel) if row.grads else "-",
+            row.worst_grad,
+            gradcheck,
+            "ok" if row.ok else "FAIL",
+        ]
+    )
+
+
+def _devices(choice: str) -> list[str]:
+    if choice == "cpu":
+        return ["cpu"]
+    if choice == "cuda":
+        return ["cuda"]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _header(devices: Sequence[str], seed: int) -> str:
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA build"
+    parts = [
+        f"torchbp {torchbp.__version__}",
+        f"torch {torch.__version__} ({cuda})",
+        f"python {platform.python_version()}",
+    ]
+    names = []
+    for d in devices:
+        names.append(f"cuda ({torch.cuda.get_device_name()})" if d == "cuda" else "cpu")
+    parts.append("devices: " + ", ".join(names))
+    parts.append(f"seed {seed}")
+    return " | ".join(parts)
+
+
+def run_check(
+    devices: Sequence[str],
+    dtypes: Sequence[torch.dtype],
+    seed: int = 0,
+    verbose: bool = False,
+    out: TextIO | None = None,
+) -> int:
+    """Run the battery, print the table, return the exit status (0: all passed, 1: any mismatch)."""
+    out = out or sys.stdout
+    print(_header(devices, seed), file=out)
+    print(
+        "tolerance: |torchbp - torch| <= atol + rtol*|torch|; "
+        + "; ".join(
+            f"{str(d).removeprefix('torch.')} rtol {TOLERANCES[d][0]:g} atol {TOLERANCES[d][1]:g}"
+            + (" x max(1, max|torch|)" if d != torch.float64 else "")
+            for d in dtypes
+        ),
+        file=out,
+    )
+    print(file=out)
+    title = _line([name for name, _, _ in _COLUMNS])
+    print(title, file=out)
+    print("-" * len(title), file=out)
+    rows: list[Row] = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would put torch's own matmuls ~1e-3 off
+    try:
+        for device in devices:
+            for dtype in dtypes:
+                for index, case in enumerate(CASES):
+                    row = _run_case(case, device, dtype, seed, index)
+                    rows.append(row)
+                    print(_format_row(row), file=out, flush=True)
+                    if verbose:
+                        for label, err in [("forward", row.forward)] + list(row.grads.items()):
+                            print(
+                                f"    {label:<10} abs {_fmt(err.abs):>8}  rel {_fmt(err.rel):>8}  "
+                                f"{err.ratio:.2g}x tolerance",
+                                file=out,
+                            )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    failed = [row for row in rows if not row.ok]
+    print(file=out)
+    for row in failed:
+        for problem in row.problems():
+            print(f"FAIL {problem}", file=out)
+    where = " and ".join(devices)
+    if failed:
+        print(
+            f"torchbp check: {len(failed)} mismatch{'es' if len(failed) != 1 else ''} "
+            f"({len(rows) - len(failed)}/{len(rows)} passed) on {where}",
+            file=out,
+        )
+        return 1
+    print(f"torchbp check: {len(rows)}/{len(rows)} passed on {where}", file=out)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "torchbp check: --device cuda, but torch.cuda.is_available() is False on this machine "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu",
+            file=sys.stderr,
+        )
+        return 2
+    dtypes = list(DTYPES.values()) if args.dtype == "all" else [DTYPES[args.dtype]]
+    return run_check(_devices(args.device), dtypes, seed=args.seed, verbose=args.verbose)
+
+
+def _add_check_parser(subparsers: Any) -> None:
+    functions = ", ".join(case.name for case in CASES)
+    p = subparsers.add_parser(
+        "check",
+        help="verify torchbp's gradients against torch's on this machine's devices",
+        description=(
+            "Run a parity battery on this machine's devices: each torchbp.functional function against "
+            "torch.nn.functional (quadratic_cost against 0.5*((a-y)**2).sum()/N), forward value and every "
+            "gradient torch gives (input, weight, bias, target), under a random upstream gradient, plus "
+            "torch.autograd.gradcheck in float64. One row per function x device x dtype. "
+            f"Functions: {functions}."
+        ),
+        epilog=(
+            "columns: fwd abs/rel = max absolute/relative error of the forward value; grad abs/rel = the "
+            "largest over the gradients; worst grad = the gradient closest to (or past) its tolerance; "
+            "gradcheck = torch.autograd.gradcheck of torchbp's backward against finite differences "
+            "(float64 rows only, '-' for float32). Tolerances: |torchbp - torch| <= atol + rtol*|torch|, "
+            "float64 rtol=atol=1e-7 (torch.testing's defaults), float32 rtol=1e-5, atol=1e-5*max(1, max|torch|). "
+            "TF32 matmuls are turned off during the check. "
+            "Exit status: 0 all rows passed, 1 any mismatch or gradcheck failure, 2 usage error."
+        ),
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "all"),
+        default="all",
+        help="device(s) to check; 'all' is cpu plus cuda when torch.cuda.is_available() (default: all)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "all"),
+        default="all",
+        help="dtype(s) to check; gradcheck runs in float64 only (default: all)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and upstream gradients (default: 0)")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also print the errors of the forward value and each gradient"
+    )
+    p.set_defaults(func=_check)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------
+
+#: One ``_add_<name>_parser(subparsers)`` per subcommand; each sets ``func`` to ``(args) -> exit status``.
+#: A new subcommand (e.g. ``demo``) adds its function here.
+_SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_check_parser,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchbp",
+        description="torchbp: backpropagation written by hand (BP1-BP4) as PyTorch autograd Functions.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"torchbp {torchbp.__version__} (torch {torch.__version__})"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_parser in _SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``torchbp`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
