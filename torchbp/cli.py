@@ -461,9 +461,20 @@ def _add_check_parser(subparsers: Any) -> None:
 # The command line
 # --------------------------------------------------------------------------------------------------
 
+def _add_demo_parser(subparsers: Any) -> None:
+    from . import demo
+
+    p = subparsers.add_parser(
+        "demo",
+        help="train sigmoid and ReLU MLPs on the digits data and show how δ propagates (TensorBoard logs)",
+        description=demo.DESCRIPTION,
+    )
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+
+
 #: One ``_add_<name>_parser(subparsers)`` per subcommand; each sets ``func`` to ``(args) -> exit status``.
-#: A new subcommand (e.g. ``demo``) adds its function here.
-_SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_check_parser,)
+_SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo_parser, _add_check_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,8 @@ names, arguments, defaults and exception types as ``torch.nn.functional``), neve
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,8 +50,9 @@ __all__ = [
     "BCEWithLogitsFunction",
 ]
 
-# Number of attached delta monitors. While it is 0, the forward passes do no monitoring work at all.
-_active_taps = 0
+# Monitored layers -> their tap (see torchbp.monitor). While it is empty, no forward pass does any
+# monitoring work; keeping taps here rather than on the modules keeps models picklable and copyable.
+_taps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _base_apply = torch._C._FunctionBase.__dict__["apply"]
 
@@ -162,7 +165,10 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input: Tensor, weight: Tensor, bias: Tensor | None, tap=None) -> Tensor:
-        return F.linear(input, weight, bias)
+        z = F.linear(input, weight, bias)
+        # For 1-D and N-D inputs F.linear returns a reshaped view of its 2-D product; a custom
+        # Function's output must not be a view if it is to be modified in place (ReLU(inplace=True)).
+        return z.detach() if z._is_view() else z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -281,15 +287,15 @@ class ReLUFunction(torch.autograd.Function):
             ctx.mark_dirty(input)
         ctx.save_for_backward(output)  # a > 0 exactly where z > 0; torch's relu saves the same
         # A monitored Linear right before this ReLU learns which of its units are dead.
-        ctx.tap = getattr(input.grad_fn, "tap", None) if _active_taps and not torch.compiler.is_compiling() else None
+        ctx.tap = getattr(input.grad_fn, "tap", None) if _taps and not torch.compiler.is_compiling() else None
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (a,) = ctx.saved_tensors
-        active = a > 0  # σ'(z) for ReLU
+        inactive = a <= 0  # where σ'(z) = 0 (NaN passes the gradient, as in torch)
         if ctx.tap is not None:
-            ctx.tap.relu_mask(active)
-        return grad * active, None  # BP1/BP2: ∇_a C ⊙ σ'(z)
+            ctx.tap.relu_mask(inactive)
+        return grad.masked_fill(inactive, 0), None  # BP1/BP2: ∇_a C ⊙ σ'(z)
 
 
 def sigmoid(input: Tensor) -> Tensor:
@@ -351,7 +357,7 @@ class MSELossFunction(torch.autograd.Function):
         count = input.numel() if weight is None else weight.sum()
         g = _scale(grad, ctx.reduction, count)
         diff = input - target
-        grad_a = 2 * diff * g if weight is None else 2 * diff * weight * g  # ∇_a C = 2w(a − y)/count
+        grad_a = 2 * diff * g if weight is None else 2 * diff * weight * g  # BP1: ∇_a C = 2w(a − y)/count
         grad_weight = None
         if ctx.needs_input_grad[2]:  # ∂C/∂w_i, including the mean's 1/Σw
             sq = diff.pow(2)
@@ -442,7 +448,7 @@ class QuadraticCostFunction(torch.autograd.Function):
         g = _scale(grad, ctx.reduction, n)
         if ctx.reduction == "none" and input.dim() > 1:
             g = g.reshape((-1,) + (1,) * (input.dim() - 1))
-        grad_a = (input - target) * g  # ∇_a C = (a − y)/n   (seed 003, eq. 26)
+        grad_a = (input - target) * g  # BP1: ∇_a C = (a − y)/n   (seed 003, eq. 26)
         return (
             grad_a if ctx.needs_input_grad[0] else None,
             -grad_a if ctx.needs_input_grad[1] else None,

@@ -49,10 +49,10 @@ class _LayerTap:
         self.name = name
         self.dead: Tensor | None = None
 
-    def relu_mask(self, active: Tensor) -> None:
-        """From the ReLU applied to this layer's output: ``active`` is σ'(z) > 0, shape (*, out)."""
-        if not _wrapped(active):
-            self.dead = ~active.reshape(-1, active.shape[-1]).any(0)
+    def relu_mask(self, inactive: Tensor) -> None:
+        """From the ReLU applied to this layer's output: ``inactive`` is where σ'(z) = 0, shape (*, out)."""
+        if not _wrapped(inactive):
+            self.dead = inactive.reshape(-1, inactive.shape[-1]).all(0)
 
     @torch.no_grad()
     def __call__(self, delta: Tensor, input: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
@@ -185,7 +185,7 @@ class DeltaMonitor:
         self.histogram_every = histogram_every
         self.per_sample_norms = bool(per_sample_norms)
         self.step = -1  # index of the current (or last) backward pass
-        self.writer, self._owns_writer = _open_writer(log)
+        self.writer, self._owns_writer = None, False
         self._layout_written = False
         self._records: dict[str, dict[str, Tensor | None]] = {}
         self._order: list[str] = []
@@ -195,17 +195,24 @@ class DeltaMonitor:
         self._task = None
         self._attached = False
         self.attach()
+        try:
+            self.writer, self._owns_writer = _open_writer(log)
+        except BaseException:
+            self.detach()
+            raise
 
     # -- attaching ---------------------------------------------------------------------------------
 
     def attach(self) -> DeltaMonitor:
         """Give every monitored layer its tap (done by the constructor)."""
         if not self._attached:
+            taken = [name for name, layer in self.layers.items() if layer in functional._taps]
+            if taken:
+                raise RuntimeError(
+                    f"DeltaMonitor: layer {taken[0]!r} is already monitored; close the other monitor first"
+                )
             for name, layer in self.layers.items():
-                if isinstance(layer.__dict__.get("delta_tap"), _LayerTap):
-                    raise RuntimeError(f"DeltaMonitor: layer {name!r} is already monitored; close the other monitor first")
-                layer.delta_tap = _LayerTap(self, name)
-            functional._active_taps += 1
+                functional._taps[layer] = _LayerTap(self, name)
             self._attached = True
         return self
 
@@ -213,8 +220,7 @@ class DeltaMonitor:
         """Remove the taps: the model runs exactly as without a monitor."""
         if self._attached:
             for layer in self.layers.values():
-                layer.__dict__.pop("delta_tap", None)
-            functional._active_taps -= 1
+                functional._taps.pop(layer, None)
             self._attached = False
 
     def close(self) -> None:

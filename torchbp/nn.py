@@ -44,11 +44,8 @@ class Linear(nn.Linear):
         torch.Size([128, 30])
     """
 
-    #: Set by :class:`torchbp.DeltaMonitor` to receive δ^l in backward; ``None`` costs nothing.
-    delta_tap = None
-
     def forward(self, input: Tensor) -> Tensor:
-        return F._linear(input, self.weight, self.bias, self.delta_tap)
+        return F._linear(input, self.weight, self.bias, F._taps.get(self) if F._taps else None)
 
 
 class Sigmoid(nn.Sigmoid):

@@ -1,0 +1,972 @@
+"""torchbp.DeltaMonitor against PyTorch's own autograd (issue 3, section 6).
+
+The oracle is always torch: the same model built from ``torch.nn``, with a tensor hook on every
+Linear's output z^l (the pre-activation) that captures δ^l = ∂C/∂z^l from PyTorch's autograd, and
+``torch.func`` for per-sample gradients. The torchbp copy is a ``copy.deepcopy`` of the torch model
+passed through ``torchbp.convert``, so both start from the same weights.
+
+Also here: the event files read back with TensorBoard's ``EventAccumulator``, the real
+``tensorboard`` server read over HTTP on 127.0.0.1, a training process killed with SIGKILL
+(``_monitor_train_child.py``), bad inputs, and "off means off".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICES
+from torch import nn
+
+import torchbp
+import torchbp.functional as BF
+
+# The documented statistics (DeltaMonitor's docstring and issue 3, section 1), also its TensorBoard tag prefixes.
+STATS = (
+    "delta_norm",
+    "delta_sample_norm_mean",
+    "delta_sample_norm_max",
+    "weight_grad_norm",
+    "delta_gain",
+    "dead_fraction",
+    "delta_nonfinite",
+)
+REL = 1e-6  # float64 models; the monitor hands values out as float32 (rel. error < 6e-8)
+REL_EVENT = 1e-5  # values read back from event files (float32)
+CHILD = Path(__file__).resolve().with_name("_monitor_train_child.py")
+
+
+# --------------------------------------------------------------------------------------------------
+# The oracle: δ^l from PyTorch's autograd, via tensor hooks on each torch.nn.Linear's output
+# --------------------------------------------------------------------------------------------------
+
+
+class DeltaOracle:
+    """Captures z^l (forward) and δ^l = ∂C/∂z^l (backward, in the order autograd produces them).
+
+    The tensor hook is registered on the Linear's output before any (in-place) activation runs, so it
+    receives the gradient with respect to z^l itself (PyTorch's documented hook semantics).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+        assert self.modules, "the oracle model must be built from torch.nn.Linear"
+        self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in self.modules.items()]
+        self.reset()
+
+    def reset(self) -> None:
+        self.z: dict[str, torch.Tensor] = {}
+        self.delta: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []  # backward order
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, z):
+            self.z[name] = z.detach().clone()  # clone: an in-place ReLU overwrites z afterwards
+
+            def on_grad(g):
+                self.delta[name] = g.detach().clone()
+                self.order.append(name)
+
+            if z.requires_grad:
+                z.register_hook(on_grad)
+
+        return hook
+
+    def stats(self, relu_after: set[str]) -> dict[str, dict[str, float | bool | None]]:
+        """Every documented statistic, from torch's δ, z and W.grad (zeroed before the backward)."""
+        out: dict[str, dict] = {}
+        previous = None
+        for name in self.order:
+            d, m = self.delta[name], self.modules[name]
+            n = d.shape[0] if d.dim() > 1 else 1  # an unbatched (in,) input is one sample
+            per_sample = d.reshape(n, -1).norm(dim=1)  # norm over all non-batch dims of sample n
+            fro = d.norm()
+            dead = None
+            if name in relu_after:  # σ'(z) = 0 for every sample <=> z <= 0 for every sample
+                z = self.z[name]
+                dead = (z <= 0).reshape(-1, z.shape[-1]).all(0).double().mean().item()
+            out[name] = {
+                "delta_norm": d.reshape(-1, d.shape[-1]).sum(0).norm().item(),  # ‖Σ_n δ_n‖ over all batch dims
+                "delta_sample_norm_mean": per_sample.mean().item(),
+                "delta_sample_norm_max": per_sample.max().item(),
+                "weight_grad_norm": None if m.weight.grad is None else m.weight.grad.norm().item(),
+                "delta_gain": None if previous is None else (fro / previous).item(),
+                "dead_fraction": dead,
+                "delta_nonfinite": not bool(torch.isfinite(d).all()),
+            }
+            previous = fro
+        return out
+
+
+def assert_stats_match(ours: dict, expected: dict, rel: float = REL, label: str = "") -> None:
+    """Every layer, every statistic; a failure lists all mismatches, labelled by layer and statistic."""
+    assert set(ours) == set(expected), f"{label}layers: monitor has {sorted(ours)}, torch model has {sorted(expected)}"
+    problems = []
+    for name, exp in expected.items():
+        got = ours[name]
+        if set(got) != set(STATS):
+            problems.append(f"{name}: statistics {sorted(got)}, documented {sorted(STATS)}")
+            continue
+        for stat in STATS:
+            o, e = got[stat], exp[stat]
+            if e is None or o is None or isinstance(e, bool):
+                ok = o is e if isinstance(e, bool) else (o is None and e is None)
+            else:
+                ok = math.isclose(o, e, rel_tol=rel, abs_tol=1e-9) or (math.isnan(o) and math.isnan(e))
+            if not ok:
+                problems.append(f"{label}layer {name!r} {stat}: monitor {o!r}, torch {e!r}")
+    assert not problems, "\n".join(problems)
+
+
+def bp_copy(torch_model: nn.Module) -> nn.Module:
+    """The torchbp twin: same weights, converted."""
+    return torchbp.convert(copy.deepcopy(torch_model))
+
+
+def kill_units(linear: nn.Linear, rows: list[int], bias_value: float = -1.0) -> None:
+    """Make units dead on purpose: weight row 0 and bias < 0 gives z = bias for every sample.
+
+    ``bias_value=0.0`` (or a layer without bias) gives z = 0 exactly, where σ'(0) = 0 (as torch).
+    """
+    with torch.no_grad():
+        linear.weight[rows] = 0.0
+        if linear.bias is not None:
+            linear.bias[rows] = bias_value
+
+
+# --------------------------------------------------------------------------------------------------
+# Models (torch.nn; converted copies are monitored). Each builder returns (model, relu_after): the
+# Linear layers whose output goes straight into a ReLU.
+# --------------------------------------------------------------------------------------------------
+
+
+def mixed_mlp():
+    m = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8, bias=False), nn.Sigmoid(), nn.Linear(8, 4))
+    kill_units(m[0], [0, 1])
+    kill_units(m[0], [2], bias_value=0.0)  # z = 0 exactly: dead, as σ'(0) = 0
+    return m, {"0"}
+
+
+def relu_mlp(inplace: bool = False):
+    m = nn.Sequential(
+        nn.Linear(6, 12),
+        nn.ReLU(inplace),
+        nn.Linear(12, 10, bias=False),
+        nn.ReLU(inplace),
+        nn.Linear(10, 8),
+        nn.ReLU(inplace),
+        nn.Linear(8, 3),
+    )
+    kill_units(m[0], [0, 3, 5])
+    kill_units(m[2], [1])  # bias=False: z = 0 exactly
+    kill_units(m[4], [7], bias_value=-3.0)
+    return m, {"0", "2", "4"}
+
+
+def sigmoid_mlp():
+    m = nn.Sequential(nn.Linear(6, 10), nn.Sigmoid(), nn.Linear(10, 8), nn.Sigmoid(), nn.Linear(8, 3), nn.Sigmoid())
+    return m, set()
+
+
+class Nested(nn.Module):
+    """Qualified names ("encoder.fc1"), a functional sigmoid in forward, a ReLU inside a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 10), act=nn.ReLU(), fc2=nn.Linear(10, 8)))
+        self.head = nn.Linear(8, 3, bias=False)
+        kill_units(self.encoder.fc1, [4, 9])
+
+    def forward(self, x):
+        return self.head(torch.sigmoid(self.encoder(x)))
+
+
+def nested():
+    return Nested(), {"encoder.fc1"}
+
+
+MODELS = {
+    "mixed": mixed_mlp,
+    "relu": relu_mlp,
+    "relu_inplace": lambda: relu_mlp(inplace=True),
+    "sigmoid": sigmoid_mlp,
+    "nested": nested,
+}
+SHAPES = {"2d": (16, 6), "3d": (4, 5, 6), "1d": (6,)}
+
+
+def make_models(builder, device, dtype=torch.float64):
+    torch_model, relu_after = builder()
+    torch_model = torch_model.to(device=device, dtype=dtype)
+    bp_model = bp_copy(torch_model)
+    # The oracle's tensor hooks on z^l do not fire once an in-place ReLU rebases a view z^l (1-D and
+    # 3-D inputs), so the torch model runs its ReLUs out of place: the same δ, the same gradients.
+    for m in torch_model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return torch_model, bp_model, relu_after
+
+
+def loss_fn(out, target):
+    return F.mse_loss(out, target)  # torch's loss on both sides: only the layers differ
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Every statistic against the oracle
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("model", MODELS, ids=MODELS.keys())
+def test_statistics_match_torch_autograd(model, shape, device):
+    torch_model, bp_model, relu_after = make_models(MODELS[model], device)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    oracle = DeltaOracle(torch_model)
+    out = torch_model(x)
+    target = torch.randn_like(out)
+    loss_fn(out, target).backward()
+    expected = oracle.stats(relu_after)
+
+    with torchbp.DeltaMonitor(bp_model) as monitor:
+        assert monitor.latest() == {} and monitor.step == -1
+        loss_fn(bp_model(x), target).backward()
+        ours = monitor.latest()
+        assert monitor.step == 0
+        assert monitor.first_nonfinite is None
+
+    assert_stats_match(ours, expected)
+    # The structure the issue names, on top of matching the oracle:
+    output_layer = oracle.order[0]
+    assert ours[output_layer]["delta_gain"] is None
+    for name, stats in ours.items():
+        assert (stats["dead_fraction"] is None) == (name not in relu_after), name
+        assert stats["delta_nonfinite"] is False
+    # The dead units were made on purpose: the test would notice a dead fraction stuck at 0.
+    assert any(ours[name]["dead_fraction"] > 0 for name in relu_after) or not relu_after
+    # BP3: ‖Σ_n δ_n‖ is the norm of torch's bias gradient.
+    for name, m in oracle.modules.items():
+        if m.bias is not None:
+            assert math.isclose(ours[name]["delta_norm"], m.bias.grad.norm().item(), rel_tol=REL), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model", MODELS, ids=MODELS.keys())
+def test_statistics_match_torch_autograd_float32(model, device):
+    torch_model, bp_model, relu_after = make_models(MODELS[model], device, dtype=torch.float32)
+    x = torch.randn(32, 6, device=device)
+    oracle = DeltaOracle(torch_model)
+    out = torch_model(x)
+    target = torch.randn_like(out)
+    loss_fn(out, target).backward()
+    with torchbp.DeltaMonitor(bp_model) as monitor:
+        loss_fn(bp_model(x), target).backward()
+        assert_stats_match(monitor.latest(), oracle.stats(relu_after), rel=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_with_autograd_grad_and_a_frozen_weight(device):
+    """A step is also ``torch.autograd.grad``; a frozen weight's gradient norm is None (torch: no grad)."""
+    torch_model, bp_model, relu_after = make_models(mixed_mlp, device)
+    for model in (torch_model, bp_model):
+        model[2].weight.requires_grad_(False)
+    x = torch.randn(12, 6, dtype=torch.float64, device=device)
+    oracle = DeltaOracle(torch_model)
+    out = torch_model(x)
+    target = torch.randn_like(out)
+    loss_fn(out, target).backward()
+    expected = oracle.stats(relu_after)
+    assert expected["2"]["weight_grad_norm"] is None
+
+    with torchbp.DeltaMonitor(bp_model) as monitor:
+        params = [p for p in bp_model.parameters() if p.requires_grad]
+        torch.autograd.grad(loss_fn(bp_model(x), target), params)
+        assert monitor.step == 0
+        assert_stats_match(monitor.latest(), expected)
+        assert all(p.grad is None for p in bp_model.parameters())  # autograd.grad accumulates nothing
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Non-finite δ
+# --------------------------------------------------------------------------------------------------
+
+
+class Poison(nn.Module):
+    """Identity forward; in backward, writes ``value`` into one entry of the gradient flowing through."""
+
+    def __init__(self, value: float, index: int) -> None:
+        super().__init__()
+        self.value, self.index = value, index
+
+    def forward(self, x):
+        y = x.clone()
+        y.register_hook(self._poison)
+        return y
+
+    def _poison(self, g):
+        g = g.clone(memory_format=torch.contiguous_format)
+        g.view(-1)[self.index] = self.value
+        return g
+
+
+def poisoned_mlp(where: str, value: float):
+    """fc0-σ-fc1-σ-fc2-ReLU-fc3, with a Poison inserted ``where``. fc2's unit 0 is dead, unit 1 always active."""
+    layers = OrderedDict(
+        fc0=nn.Linear(5, 8),
+        act0=nn.Sigmoid(),
+        fc1=nn.Linear(8, 8),
+        act1=nn.Sigmoid(),
+        fc2=nn.Linear(8, 6),
+        act2=nn.ReLU(),
+        fc3=nn.Linear(6, 3),
+    )
+    kill_units(layers["fc2"], [0], bias_value=-1.0)  # a(fc2)[:, 0] = 0 for every sample
+    kill_units(layers["fc2"], [1], bias_value=1.0)  # a(fc2)[:, 1] = 1 > 0 for every sample
+    after = {"output": "fc3", "middle": "act1", "relu_active": "act2", "relu_inactive": "act2"}[where]
+    index = {"relu_active": 1, "relu_inactive": 0}.get(where, 2)
+    seq = OrderedDict()
+    for name, module in layers.items():
+        seq[name] = module
+        if name == after:
+            seq["poison"] = Poison(value, index)
+    return nn.Sequential(seq)
+
+
+# Expected first non-finite layer in backward order, as PyTorch's autograd shows it (asserted below too).
+POISON_CASES = {
+    "output": "fc3",  # the gradient of the model output: every δ from the output layer on
+    "middle": "fc1",  # between fc1's sigmoid and fc2: fc3, fc2 finite; fc1, fc0 not
+    "relu_active": "fc2",  # into fc2's ReLU at an active unit: δ^fc2 = g ⊙ 1[z > 0] carries it
+    "relu_inactive": None,  # into fc2's ReLU at a dead unit: torch's ReLU backward gives 0 there, δ stays finite
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", POISON_CASES)
+def test_nonfinite_delta_is_flagged_from_the_first_layer_on(where, value, device):
+    torch_model = poisoned_mlp(where, value).to(device=device, dtype=torch.float64)
+    bp_model = bp_copy(torch_model)
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    oracle = DeltaOracle(torch_model)
+    out = torch_model(x)
+    target = torch.randn_like(out)
+    loss_fn(out, target).backward()
+    torch_flags = {name: s["delta_nonfinite"] for name, s in oracle.stats(set()).items()}
+    torch_first = next((name for name in oracle.order if torch_flags[name]), None)
+    assert torch_first == POISON_CASES[where], f"test setup: torch's first non-finite δ is {torch_first}"
+
+    with torchbp.DeltaMonitor(bp_model) as monitor:
+        loss_fn(bp_model(x), target).backward()
+        ours = {name: s["delta_nonfinite"] for name, s in monitor.latest().items()}
+        first = monitor.first_nonfinite
+    assert ours == torch_flags, f"delta_nonfinite: monitor {ours}, torch {torch_flags}"
+    assert first == torch_first
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Steps and event files
+# --------------------------------------------------------------------------------------------------
+
+
+def read_events(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def scalar_series(ea, tag) -> dict[int, float]:
+    events = ea.Scalars(tag)
+    steps = [e.step for e in events]
+    assert len(steps) == len(set(steps)), f"{tag}: a step was written twice: {steps}"
+    return {e.step: e.value for e in events}
+
+
+def expected_tags(layers, output_layer, relu_after) -> set[str]:
+    tags = set()
+    for name in layers:
+        for stat in STATS:
+            if (stat == "delta_gain" and name == output_layer) or (stat == "dead_fraction" and name not in relu_after):
+                continue
+            tags.add(f"{stat}/{name}")
+    return tags
+
+
+def train_lockstep(torch_model, bp_model, relu_after, steps, device, lr=0.05):
+    """Train both models on the same batches with the same SGD; per step, torch's statistics and δs."""
+    oracle = DeltaOracle(torch_model)
+    opt_t = torch.optim.SGD(torch_model.parameters(), lr=lr)
+    opt_b = torch.optim.SGD(bp_model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(1)
+    per_step = []
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=gen, dtype=torch.float64).to(device)
+        y = torch.randn(16, 4, generator=gen, dtype=torch.float64).to(device)
+        oracle.reset()
+        for model, opt in ((torch_model, opt_t), (bp_model, opt_b)):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+        per_step.append({"stats": oracle.stats(relu_after), "delta": dict(oracle.delta), "order": list(oracle.order)})
+        opt_t.step()
+        opt_b.step()
+    oracle.remove()
+    return per_step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_event_files_hold_exactly_the_logged_steps_and_torch_values(tmp_path, device):
+    torch_model, bp_model, relu_after = make_models(mixed_mlp, device)
+    every, hist_every, steps = 3, 2, 8
+    with torchbp.DeltaMonitor(bp_model, log=tmp_path, every=every, histogram_every=hist_every) as monitor:
+        per_step = train_lockstep(torch_model, bp_model, relu_after, steps, device)
+        assert monitor.step == steps - 1
+    layers, output_layer = per_step[0]["order"], per_step[0]["order"][0]
+    ea = read_events(tmp_path)
+
+    tags = set(ea.Tags()["scalars"])
+    assert tags == expected_tags(layers, output_layer, relu_after)
+    logged = [s for s in range(steps) if s % every == 0]
+    problems = []
+    for tag in sorted(tags):
+        stat, name = tag.split("/", 1)
+        series = scalar_series(ea, tag)
+        assert sorted(series) == logged, f"{tag}: steps {sorted(series)}, expected {logged}"
+        for s in logged:
+            e = per_step[s]["stats"][name][stat]
+            e = float(e) if isinstance(e, bool) else e
+            if not math.isclose(series[s], e, rel_tol=REL_EVENT, abs_tol=1e-7):
+                problems.append(f"{tag} step {s}: event {series[s]}, torch {e}")
+    assert not problems, "\n".join(problems)
+    # The per-step values differ (lockstep training, new batches): equal values would hide a stale write.
+    assert len({round(scalar_series(ea, f"delta_norm/{output_layer}")[s], 6) for s in logged}) == len(logged)
+
+    # Histograms of δ per layer at the histogram interval, with torch's δ's count, sum, min and max.
+    hist_steps = [s for s in range(steps) if s % hist_every == 0]
+    assert set(ea.Tags()["histograms"]) == {f"delta/{name}" for name in layers}
+    for name in layers:
+        hist = ea.Histograms(f"delta/{name}")
+        assert [h.step for h in hist] == hist_steps, f"delta/{name}"
+        for h in hist:
+            d = per_step[h.step]["delta"][name]
+            v = h.histogram_value
+            assert v.num == d.numel(), f"delta/{name} step {h.step}"
+            assert math.isclose(v.min, d.min().item(), rel_tol=1e-5, abs_tol=1e-7)
+            assert math.isclose(v.max, d.max().item(), rel_tol=1e-5, abs_tol=1e-7)
+            assert math.isclose(v.sum, d.sum().item(), rel_tol=1e-4, abs_tol=1e-6)
+
+    # One custom-scalars chart draws every layer's delta_norm, and nothing else.
+    check_custom_scalars_layout(ea, layers, tags)
+
+
+def check_custom_scalars_layout(ea, layers, tags):
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    content = ea.PluginTagToContent("custom_scalars")
+    assert content, "no custom-scalars layout in the event files"
+    (tag,) = content
+    layout = layout_pb2.Layout.FromString(ea.Tensors(tag)[-1].tensor_proto.string_val[0])
+    charts = [c for cat in layout.category for c in cat.chart if c.HasField("multiline")]
+    delta_norm_tags = {f"delta_norm/{name}" for name in layers}
+    # The custom-scalars plugin selects a multiline chart's tags with re.match on each regex.
+    selected = [{t for t in tags if any(re.match(r, t) for r in c.multiline.tag)} for c in charts]
+    assert delta_norm_tags in selected, f"no multiline chart selects exactly {sorted(delta_norm_tags)}: {selected}"
+
+
+@pytest.mark.parametrize(("every", "histogram_every", "steps", "hist_steps"), [(1, None, 12, [0, 10]), (2, 0, 3, [])])
+def test_histogram_interval_default_and_off(tmp_path, every, histogram_every, steps, hist_steps):
+    """``histogram_every`` defaults to 10 * every; 0 writes none."""
+    model = bp_copy(sigmoid_mlp()[0])
+    kwargs = {} if histogram_every is None else {"histogram_every": histogram_every}
+    with torchbp.DeltaMonitor(model, log=tmp_path, every=every, **kwargs):
+        for _ in range(steps):
+            model(torch.randn(3, 6)).sum().backward()
+    ea = read_events(tmp_path)
+    assert sorted(scalar_series(ea, "delta_norm/0")) == list(range(0, steps, every))
+    hists = ea.Tags()["histograms"]
+    if not hist_steps:
+        assert hists == []
+    else:
+        assert sorted(hists) == ["delta/0", "delta/2", "delta/4"]
+        assert [h.step for h in ea.Histograms("delta/2")] == hist_steps
+
+
+def test_context_manager_flushes_and_closes(tmp_path):
+    model = bp_copy(relu_mlp()[0])
+    before = len(BF._taps)
+    with torchbp.DeltaMonitor(model, log=tmp_path, every=5, histogram_every=1) as monitor:
+        for _ in range(3):
+            model(torch.randn(4, 6)).sum().backward()
+        assert len(BF._taps) == before + len(monitor.layers)
+    ea = read_events(tmp_path)
+    assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
+    assert [h.step for h in ea.Histograms("delta/0")] == [0, 1, 2], "histograms not on disk after exit"
+    assert monitor.writer.file_writer is None, "the monitor's own SummaryWriter is not closed on exit"
+    assert all(m not in BF._taps for m in model.modules() if isinstance(m, torchbp.nn.Linear))
+    assert len(BF._taps) == before
+
+
+def test_summary_writer_passed_in_is_used_flushed_and_left_open(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    class SpyWriter(SummaryWriter):
+        """Counts flush() and close() calls (the event file's own writes happen on a background thread)."""
+
+        flushes = closes = 0
+
+        def flush(self):
+            self.flushes += 1
+            super().flush()
+
+        def close(self):
+            self.closes += 1
+            super().close()
+
+    model = bp_copy(sigmoid_mlp()[0])
+    writer = SpyWriter(str(tmp_path))
+    try:
+        with torchbp.DeltaMonitor(model, log=writer, every=5, histogram_every=1) as monitor:
+            assert monitor.writer is writer
+            for _ in range(3):
+                model(torch.randn(4, 6)).sum().backward()
+            flushes = writer.flushes
+        assert writer.flushes > flushes, "close() did not flush the SummaryWriter passed in"
+        assert writer.closes == 0 and writer.file_writer is not None, (
+            "the monitor closed a SummaryWriter it does not own"
+        )
+        ea = read_events(tmp_path)
+        assert [h.step for h in ea.Histograms("delta/4")] == [0, 1, 2]
+        writer.add_scalar("user/after_monitor", 1.5, 7)
+        writer.flush()
+    finally:
+        writer.close()
+    files = list(tmp_path.glob("events.out.tfevents.*"))
+    assert len(files) == 1, f"the monitor and the user's scalars should share one event file: {files}"
+    ea = read_events(tmp_path)
+    assert {"user/after_monitor", "delta_norm/0", "delta_norm/2", "delta_norm/4"} <= set(ea.Tags()["scalars"])
+    assert scalar_series(ea, "user/after_monitor") == {7: 1.5}
+    assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
+
+
+def test_detach_stops_recording_and_attach_resumes(tmp_path):
+    model = bp_copy(relu_mlp()[0])
+    linears = [m for m in model.modules() if isinstance(m, torchbp.nn.Linear)]
+    before = len(BF._taps)
+    monitor = torchbp.DeltaMonitor(model, log=tmp_path)
+    try:
+        assert len(BF._taps) == before + len(linears)
+        for _ in range(2):
+            model(torch.randn(4, 6)).sum().backward()
+        last = monitor.latest()
+        monitor.detach()
+        assert all(m not in BF._taps for m in linears)
+        assert len(BF._taps) == before
+        for _ in range(2):
+            model(torch.randn(4, 6)).sum().backward()
+        assert monitor.step == 1 and monitor.latest() == last
+        monitor.attach()
+        model(torch.randn(4, 6)).sum().backward()
+        assert monitor.step == 2
+    finally:
+        monitor.close()
+    assert sorted(scalar_series(read_events(tmp_path), "delta_norm/0")) == [0, 1, 2]
+    assert len(BF._taps) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The real TensorBoard server, over HTTP on 127.0.0.1
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, timeout: float = 5.0):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    with opener.open(url, timeout=timeout) as response:
+        return json.loads(response.read().decode())
+
+
+def test_tensorboard_server_serves_the_delta_norm_series(tmp_path):
+    logdir = tmp_path / "logs"
+    torch_model, bp_model, relu_after = make_models(mixed_mlp, "cpu")
+    with torchbp.DeltaMonitor(bp_model, log=logdir, every=2, histogram_every=0):
+        per_step = train_lockstep(torch_model, bp_model, relu_after, 5, "cpu")
+    layers = per_step[0]["order"]
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    stderr = open(tmp_path / "tensorboard.stderr", "w+")
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+           "--port", str(port), "--load_fast=false", "--reload_interval", "1"]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        tags = {}
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"tensorboard exited with {server.returncode}"
+            try:
+                tags = http_json(f"{base}/data/plugin/scalars/tags", timeout=2)
+            except OSError:
+                tags = {}
+            if all(f"delta_norm/{name}" in tags.get(".", {}) for name in layers):
+                break
+            time.sleep(0.25)
+        else:
+            stderr.seek(0)
+            pytest.fail(f"tensorboard did not serve the delta_norm tags within 60 s: {tags}\n{stderr.read()[-2000:]}")
+        assert http_json(f"{base}/data/runs") == ["."]
+
+        for name in layers:
+            query = urllib.parse.urlencode({"run": ".", "tag": f"delta_norm/{name}"})
+            series = http_json(f"{base}/data/plugin/scalars/scalars?{query}")  # [[wall_time, step, value], ...]
+            assert [step for _, step, _ in series] == [0, 2, 4], name
+            for _, step, value in series:
+                expected = per_step[step]["stats"][name]["delta_norm"]
+                assert math.isclose(value, expected, rel_tol=REL_EVENT), (
+                    f"delta_norm/{name} step {step}: {value} vs {expected}"
+                )
+
+        # The custom-scalars plugin sees the layout, and its multiline chart draws every layer's delta_norm.
+        layout = http_json(f"{base}/data/plugin/custom_scalars/layout")
+        regexes = [
+            r for cat in layout["category"] for c in cat["chart"] if "multiline" in c for r in c["multiline"]["tag"]
+        ]
+        assert regexes, layout
+        query = urllib.parse.urlencode({"run": ".", "tag": regexes[0]})
+        multi = http_json(f"{base}/data/plugin/custom_scalars/scalars?{query}")
+        assert multi["regex_valid"] and set(multi["tag_to_events"]) >= {f"delta_norm/{n}" for n in layers}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the session this test started (the server is its leader)
+        server.wait(timeout=10)
+        stderr.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. A training process killed mid-run leaves every finished log interval on disk
+# --------------------------------------------------------------------------------------------------
+
+
+def test_killed_training_process_leaves_every_finished_step(tmp_path):
+    logdir = tmp_path / "logs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), str(logdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True).start()
+    reported: dict[int, dict[str, float]] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while 5 not in reported:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "the child did not finish step 5 within 60 s"
+            try:
+                line = lines.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                assert child.poll() is None, f"the child exited early: {child.stderr.read()[-2000:]}"
+                continue
+            record = json.loads(line)
+            reported[record["step"]] = record["delta_norm"]
+        os.kill(child.pid, signal.SIGKILL)  # mid-run: the child trains on without pause
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL, f"the child was not killed mid-run (exit {child.returncode})"
+
+    ea = read_events(logdir)
+    for name in reported[0]:
+        series = scalar_series(ea, f"delta_norm/{name}")
+        assert set(range(6)) <= set(series), f"delta_norm/{name}: steps on disk {sorted(series)}"
+        assert sorted(series) == list(range(len(series))), f"delta_norm/{name}: a gap in {sorted(series)}"
+        for step in range(6):
+            assert math.isfinite(series[step])
+            assert math.isclose(series[step], reported[step][name], rel_tol=1e-6), (name, step)
+    for tag in ea.Tags()["scalars"]:
+        assert set(range(6)) <= set(scalar_series(ea, tag)), tag
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Per-sample gradient norms against torch.func
+# --------------------------------------------------------------------------------------------------
+
+
+def per_sample_model():
+    """Linear(4,16): out*in = 64; Linear(16,2, bias=False): 32; Linear(2,3): 6. With T = 6 (T*T = 36)
+    the first layer takes the Gram-matrix branch and the others the explicit (out, in) branch."""
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2, bias=False), nn.Sigmoid(), nn.Linear(2, 3))
+
+
+PER_SAMPLE_SHAPES = {
+    "N1_2d": (1, 4),
+    "N8_2d": (8, 4),
+    "N5_T2_3d": (5, 2, 4),  # T*T = 4 <= out*in everywhere: the Gram branch
+    "N3_T6_3d": (3, 6, 4),  # both branches
+    "N2_T9_3d": (2, 9, 4),  # T*T = 81 > out*in everywhere: the explicit branch
+    "N1_T6_3d": (1, 6, 4),
+    "N3_2x3_4d": (3, 2, 3, 4),  # (N, *, in) with two inner dims
+    "unbatched": (4,),  # one sample
+}
+
+
+def torch_func_per_sample_norms(torch_model, x, target, reduction):
+    """‖∂C_n/∂W‖ and ‖∂C_n/∂b‖ from torch.func per-sample gradients.
+
+    C_n is sample n's term of the batch loss. With reduction='sum' the batch loss is Σ_n loss(x_n), so
+    C_n = loss(x_n) with the same 'sum'. With 'mean', F.mse_loss divides by every element; the
+    per-sample 'mean' divides by the elements of one sample, so the batch loss is (1/N) Σ_n loss(x_n)
+    and C_n carries the 1/N (the monitor documents this): the gradients are scaled by 1/N.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in torch_model.named_parameters()}
+
+    def loss_one(p, xn, yn):
+        return F.mse_loss(functional_call(torch_model, p, (xn.unsqueeze(0),)), yn.unsqueeze(0), reduction=reduction)
+
+    if x.dim() == 1:  # one unbatched sample: its gradient is the whole gradient
+        grads = {
+            k: g.unsqueeze(0)
+            for k, g in grad(lambda p: F.mse_loss(functional_call(torch_model, p, (x,)), target, reduction=reduction))(
+                params
+            ).items()
+        }
+        scale = 1.0
+    else:
+        grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, target)
+        scale = 1.0 / x.shape[0] if reduction == "mean" else 1.0
+    out = {}
+    for name, m in torch_model.named_modules():
+        if type(m) is nn.Linear:
+            out[name] = {
+                "weight": grads[f"{name}.weight"].flatten(1).norm(dim=1) * scale,
+                "bias": None if m.bias is None else grads[f"{name}.bias"].flatten(1).norm(dim=1) * scale,
+            }
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("shape", PER_SAMPLE_SHAPES.values(), ids=PER_SAMPLE_SHAPES.keys())
+def test_per_sample_grad_norms_match_torch_func(shape, reduction, device):
+    torch_model = per_sample_model().to(device=device, dtype=torch.float64)
+    bp_model = bp_copy(torch_model)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    target = torch.randn(shape[:-1] + (3,), dtype=torch.float64, device=device)
+    expected = torch_func_per_sample_norms(torch_model, x, target, reduction)
+
+    with torchbp.DeltaMonitor(bp_model, per_sample_norms=True) as monitor:
+        # An earlier backward with another batch size: the norms are those of the last backward.
+        F.mse_loss(
+            bp_model(torch.randn(7, 4, dtype=torch.float64, device=device)),
+            torch.zeros(7, 3, dtype=torch.float64, device=device),
+        ).backward()
+        F.mse_loss(bp_model(x), target, reduction=reduction).backward()
+        ours = monitor.per_sample_grad_norms()
+
+    n = shape[0] if len(shape) > 1 else 1
+    assert set(ours) == set(expected)
+    for name, exp in expected.items():
+        for kind in ("weight", "bias"):
+            got = ours[name][kind]
+            if exp[kind] is None:
+                assert got is None, f"{name} {kind}: layer has no bias, monitor gives {got}"
+                continue
+            assert got is not None, f"{name} {kind}: monitor gives None"
+            assert got.shape == (n,) and got.device == exp[kind].device, f"{name} {kind}: {got.shape} on {got.device}"
+            torch.testing.assert_close(
+                got.double(),
+                exp[kind],
+                rtol=1e-10,
+                atol=1e-12,
+                msg=lambda m, name=name, kind=kind: f"{name} {kind}: {m}",
+            )
+
+
+def test_per_sample_grad_norms_need_the_option():
+    model = bp_copy(sigmoid_mlp()[0])
+    with torchbp.DeltaMonitor(model) as monitor:
+        model(torch.randn(3, 6)).sum().backward()
+        with pytest.raises(RuntimeError, match="per_sample_norms"):
+            monitor.per_sample_grad_norms()
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Bad inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["parent_is_a_file", "path_is_a_file"])
+def test_unwritable_log_directory_fails_before_training(tmp_path, kind):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    path = blocker / "logs" if kind == "parent_is_a_file" else blocker
+    model = bp_copy(sigmoid_mlp()[0])
+    before = len(BF._taps)
+    with pytest.raises(OSError) as info:
+        torchbp.DeltaMonitor(model, log=path)
+    assert str(path) in str(info.value), f"the error does not name the path: {info.value}"
+    assert "DeltaMonitor" in str(info.value)
+    # Nothing was attached: the model trains exactly as without a monitor.
+    assert all(m not in BF._taps for m in model.modules() if isinstance(m, torchbp.nn.Linear))
+    assert len(BF._taps) == before
+
+
+def test_model_without_torchbp_linear():
+    with pytest.raises(ValueError, match=r"torchbp\.nn\.Linear") as info:
+        torchbp.DeltaMonitor(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    assert "torchbp.convert" in str(info.value)
+    with pytest.raises(ValueError, match=r"torchbp\.nn\.Linear"):
+        torchbp.DeltaMonitor(nn.Sequential(torchbp.nn.ReLU(), torchbp.nn.Sigmoid()))
+
+
+@pytest.mark.parametrize("every", [0, -1, 2.0, "3", None])
+def test_bad_every(every):
+    with pytest.raises((ValueError, TypeError), match="every"):
+        torchbp.DeltaMonitor(bp_copy(sigmoid_mlp()[0]), every=every)
+
+
+@pytest.mark.parametrize("histogram_every", [-1, 1.5])
+def test_bad_histogram_every(histogram_every):
+    with pytest.raises((ValueError, TypeError), match="histogram_every"):
+        torchbp.DeltaMonitor(bp_copy(sigmoid_mlp()[0]), histogram_every=histogram_every)
+
+
+@pytest.mark.parametrize(
+    "model", ["model", torch.randn(3), None, [torchbp.nn.Linear(2, 2)]], ids=["str", "tensor", "None", "list"]
+)
+def test_not_a_module(model):
+    with pytest.raises(TypeError, match="Module"):
+        torchbp.DeltaMonitor(model)
+
+
+def test_bad_log_argument():
+    with pytest.raises(TypeError, match="log"):
+        torchbp.DeltaMonitor(bp_copy(sigmoid_mlp()[0]), log=123)
+
+
+def test_second_monitor_on_a_monitored_layer_fails_and_leaves_nothing_behind():
+    """A failed constructor must not leave taps on the layers it reached before the error."""
+    model = bp_copy(Nested())  # layers in order: encoder.fc1, encoder.fc2, head
+    before = len(BF._taps)
+    first = torchbp.DeltaMonitor(model.head)
+    try:
+        with pytest.raises(RuntimeError, match="already monitored"):
+            torchbp.DeltaMonitor(model)
+        model(torch.randn(2, 6)).sum().backward()
+        assert first.step == 0
+    finally:
+        first.close()
+    leftover = {
+        name: BF._taps[m]
+        for name, m in model.named_modules()
+        if isinstance(m, torchbp.nn.Linear) and m in BF._taps
+    }
+    assert not leftover, f"taps left behind by the failed DeltaMonitor: {leftover}"
+    assert len(BF._taps) == before
+    torchbp.DeltaMonitor(model).close()  # the model can be monitored again
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Off means off
+# --------------------------------------------------------------------------------------------------
+
+
+def saved_tensors(model, x):
+    """The tensors autograd saves for backward during ``model(x)`` (shape, dtype), via saved_tensors_hooks."""
+    packed = []
+
+    def pack(t):
+        packed.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return packed, out
+
+
+def graph_taps(out) -> list:
+    """Monitor objects held by any node of ``out``'s autograd graph."""
+    found, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += [v for v in getattr(node, "__dict__", {}).values() if type(v).__module__ == "torchbp.monitor"]
+        stack += [next_fn for next_fn, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_off_means_off(device, tmp_path):
+    torch.manual_seed(0)
+    model = bp_copy(relu_mlp()[0]).to(device)
+    model[0].weight.requires_grad_(False)  # with x not requiring grad: layer 0 needs nothing saved
+    pristine = copy.deepcopy(model)  # never monitored
+    x = torch.randn(5, 6, device=device)
+    before = len(BF._taps)
+
+    baseline, out = saved_tensors(pristine, x)
+    assert graph_taps(out) == []
+    # A single frozen Linear with an input that needs no grad saves nothing at all.
+    single = torchbp.nn.Linear(6, 3).to(device).requires_grad_(False)
+    single.bias.requires_grad_(True)
+    assert saved_tensors(single, x)[0] == []
+
+    monitor = torchbp.DeltaMonitor(model, log=tmp_path)
+    _, out = saved_tensors(model, x)
+    assert graph_taps(out), "test setup: a monitored forward should carry the taps"
+    out.sum().backward()
+    assert monitor.step == 0
+    monitor.close()
+
+    assert len(BF._taps) == before
+    assert all(
+        m not in BF._taps for m in model.modules() if isinstance(m, torchbp.nn.Linear)
+    )
+    after, out = saved_tensors(model, x)
+    assert after == baseline, f"saved tensors after close {after}, never monitored {baseline}"
+    assert graph_taps(out) == [], "the autograd graph still holds monitor taps after close()"
+    out.sum().backward()
+    assert monitor.step == 0, "a closed monitor recorded a backward pass"
+
+
+def test_two_monitors_count_back_to_zero():
+    before = len(BF._taps)
+    a, b = bp_copy(sigmoid_mlp()[0]), bp_copy(relu_mlp()[0])
+    ma, mb = torchbp.DeltaMonitor(a), torchbp.DeltaMonitor(b)
+    assert len(BF._taps) == before + len(ma.layers) + len(mb.layers)
+    ma.close()
+    ma.close()  # idempotent
+    assert len(BF._taps) == before + len(mb.layers)
+    mb.close()
+    assert len(BF._taps) == before == 0
