@@ -107,8 +107,8 @@ def _check_dtype(fn: str, input: Tensor, name: str, other: Tensor | None) -> Non
 
 
 def _check_float(fn: str, name: str, t: Tensor) -> None:
-    if not t.is_floating_point():
-        raise RuntimeError(f"{fn}(): expected a floating-point {name}, got dtype {t.dtype}; use {name}.float()")
+    if not t.is_floating_point():  # torch's kernels: "not implemented for 'Long'"
+        raise NotImplementedError(f"{fn}(): expected a floating-point {name}, got dtype {t.dtype}; use {name}.float()")
 
 
 def _reduction(fn: str, reduction: str, size_average: bool | None = None, reduce: bool | None = None) -> str:
@@ -168,7 +168,7 @@ class LinearFunction(torch.autograd.Function):
         z = F.linear(input, weight, bias)
         # For 1-D and N-D inputs F.linear returns a reshaped view of its 2-D product; a custom
         # Function's output must not be a view if it is to be modified in place (ReLU(inplace=True)).
-        return z.detach() if z._is_view() else z
+        return z.detach() if not torch.compiler.is_compiling() and z._is_view() else z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -177,6 +177,7 @@ class LinearFunction(torch.autograd.Function):
         # Save only what a requested gradient needs: BP2 needs w, BP4 needs a^{l-1}.
         ctx.save_for_backward(input if need_weight or tap is not None else None, weight if need_input else None)
         ctx.tap = tap
+        ctx.bias_shape = None if bias is None or bias.shape == weight.shape[:1] else bias.shape
 
     @staticmethod
     def backward(ctx, delta: Tensor):  # delta = δ^l = ∂C/∂z^l
@@ -189,6 +190,8 @@ class LinearFunction(torch.autograd.Function):
             grad_weight = delta_2d.mT @ input.reshape(-1, input.shape[-1])  # BP4: Σ_n δ_n a_n^T
         if ctx.needs_input_grad[2]:
             grad_bias = delta_2d.sum(0)  # BP3: Σ_n δ_n
+            if ctx.bias_shape is not None:  # a bias broadcast over more than the batch (rare)
+                grad_bias = delta.sum_to_size(ctx.bias_shape)  # BP3, summed over the broadcast dims
         if ctx.tap is not None:
             ctx.tap(delta, input, grad_weight, grad_bias)
         return grad_input, grad_weight, grad_bias, None
@@ -200,14 +203,26 @@ def _check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         _check_tensor("linear", "weight", weight)
         _check_tensor("linear", "bias", bias, optional=True)
     if weight.dim() != 2:
-        raise RuntimeError(f"linear(): expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise RuntimeError(
+            f"linear(): expected a 2-D weight (out_features, in_features) (or 1-D without bias), "
+            f"got shape {tuple(weight.shape)}"
+        )
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
         raise RuntimeError(
             f"linear(): expected input with last dimension {weight.shape[1]} (in_features), "
             f"got shape {tuple(input.shape)}"
         )
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise RuntimeError(f"linear(): expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:  # torch also takes a bias that broadcasts
+        out_shape = input.shape[:-1] + weight.shape[:1]
+        try:
+            ok = torch.broadcast_shapes(bias.shape, out_shape) == out_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise RuntimeError(
+                f"linear(): expected bias of shape ({weight.shape[0]},) (or broadcastable to the output "
+                f"{tuple(out_shape)}), got {tuple(bias.shape)}"
+            )
     dtype, device = input.dtype, input.device
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != device:
@@ -241,6 +256,8 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         >>> z.shape
         torch.Size([4, 2])
     """
+    if bias is None and isinstance(weight, Tensor) and weight.dim() == 1:  # z = a·w, as torch allows
+        return _linear(input, weight.unsqueeze(0), None, None).squeeze(-1)
     return _linear(input, weight, bias, None)
 
 
@@ -361,7 +378,7 @@ class MSELossFunction(torch.autograd.Function):
         grad_weight = None
         if ctx.needs_input_grad[2]:  # ∂C/∂w_i, including the mean's 1/Σw
             sq = diff.pow(2)
-            grad_weight = sq * g
+            grad_weight = (sq * g).sum_to_size(weight.shape)  # summed where a bigger target broadcast it
             if ctx.reduction == "mean":
                 grad_weight = grad_weight - (sq * weight).sum() * g / count
         return (
@@ -408,6 +425,7 @@ def mse_loss(
             "Please ensure they have the same size.",
             stacklevel=2,
         )
+    input_shape = input.shape
     try:
         input, target = torch.broadcast_tensors(input, target)
     except RuntimeError as e:
@@ -415,9 +433,9 @@ def mse_loss(
             f"mse_loss(): target of shape {tuple(target.shape)} does not broadcast to input of shape "
             f"{tuple(input.shape)}: {e}"
         ) from None
-    if weight is not None and weight.shape != input.shape:
+    if weight is not None and weight.shape != input_shape:  # the input's own shape, as torch
         raise ValueError(
-            f"mse_loss(): weights and input must have the same size: expected {tuple(input.shape)}, "
+            f"mse_loss(): weights and input must have the same size: expected {tuple(input_shape)}, "
             f"got {tuple(weight.shape)}"
         )
     input, target, weight = _autocast(torch.float32, input, target, weight)
@@ -432,7 +450,7 @@ class QuadraticCostFunction(torch.autograd.Function):
     @staticmethod
     def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
         diff = input - target
-        per_sample = 0.5 * (diff * diff).reshape(diff.shape[0], -1).sum(1) if diff.dim() > 1 else 0.5 * diff.pow(2).sum()
+        per_sample = 0.5 * (diff * diff).flatten(1).sum(1) if diff.dim() > 1 else 0.5 * diff.pow(2).sum()
         return _reduce(per_sample, reduction)
 
     @staticmethod
@@ -533,7 +551,15 @@ class CrossEntropyFunction(torch.autograd.Function):
             y = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index  # one-hot y
             if weight is None and eps == 0 and not maybe_ignored and not ctx.needs_input_grad[1]:
                 g = _scale(grad, reduction, target.numel())
-                return (torch.softmax(z, class_dim) - y.to(z.dtype)) * g, None, None, None, None, None, None  # BP1: δ^L = a − y
+                return (
+                    (torch.softmax(z, class_dim) - y.to(z.dtype)) * g,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                )  # BP1: δ^L = a − y
         # General case: C = −Σ_c q_c log softmax(z)_c, with q the weighted, smoothed target.
         log_p = torch.log_softmax(z, class_dim)
         w = None if weight is None else _view_classes(weight, z, class_dim)
@@ -544,12 +570,25 @@ class CrossEntropyFunction(torch.autograd.Function):
             q = torch.where(y, 1 - eps + eps / n_classes, eps / n_classes).to(z.dtype)
             if maybe_ignored:
                 q = q * keep
-            count = target.numel() if not maybe_ignored and weight is None else (
-                keep.sum() if weight is None else (weight[index] * keep).sum() if maybe_ignored else weight[index].sum()
+            count = (
+                target.numel()
+                if not maybe_ignored and weight is None
+                else (
+                    keep.sum()
+                    if weight is None
+                    else (weight[index] * keep).sum()
+                    if maybe_ignored
+                    else weight[index].sum()
+                )
             )
-        g = _scale(grad, reduction, count)
+        if reduction == "mean" and isinstance(count, Tensor):
+            g = torch.where(count != 0, grad / count, torch.nan)  # 0/0 is NaN, as torch's
+        else:
+            g = _scale(grad, reduction, count)
         qw = q if w is None else q * w
         delta = (log_p.exp() * qw.sum(class_dim, keepdim=True) - qw) * g  # BP1: δ^L = softmax(z)Σq − q
+        if maybe_ignored and not target.is_floating_point():
+            delta = delta.masked_fill(~keep, 0)  # an ignored target passes no error back, even if 0/0
         grad_target = grad_weight = None
         if ctx.needs_input_grad[1]:  # ∂C/∂y for probability targets
             grad_target = -log_p * g * (1 - eps) if w is None else -log_p * w * g * (1 - eps)
@@ -572,11 +611,14 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     _check_device(fn, input, "weight", weight)
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
-    if not 0.0 <= label_smoothing <= 1.0:
+    if not label_smoothing <= 1.0:  # torch ignores a negative one
         raise RuntimeError(f"{fn}(): label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if weight is not None and tuple(weight.shape) != (n_classes,):
-        raise RuntimeError(
-            f"{fn}(): expected weight of shape ({n_classes},), one per class, got {tuple(weight.shape)}"
+        raise RuntimeError(f"{fn}(): expected weight of shape ({n_classes},), one per class, got {tuple(weight.shape)}")
+    if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"{fn}(): expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target.shape[0]}); got input {tuple(input.shape)} and target {tuple(target.shape)}"
         )
     if target.is_floating_point():
         if target.shape != input.shape:
@@ -590,11 +632,18 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise RuntimeError(
             f"{fn}(): expected class-index target of dtype torch.int64, got {target.dtype}; use target.long()"
         )
-    if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
+    if input.dim() >= 2 and target.dim() == 0:
         raise ValueError(
             f"{fn}(): expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({target.shape[0] if target.dim() else 'none: 0-D target'}); target shape should be {tuple(expected)}"
+            f"(none: 0-D target); target shape should be {tuple(expected)}"
         )
+    if input.dim() == 1 and target.dim() == 1 and target.shape != (1,):
+        raise ValueError(
+            f"{fn}(): for 1-D input (C,) the class-index target must be 0-D or of shape (1,), "
+            f"got shape {tuple(target.shape)}"
+        )
+    if input.dim() == 1 and target.shape == (1,):
+        expected = target.shape  # torch takes (1,) for one unbatched sample too
     if target.shape != expected:
         raise RuntimeError(f"{fn}(): expected target of shape {tuple(expected)}, got {tuple(target.shape)}")
     if _is_traced(input, target):
@@ -640,9 +689,10 @@ def cross_entropy(
     """
     maybe_ignored = _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     reduction = _reduction("cross_entropy", reduction, size_average, reduce)
+    label_smoothing = max(label_smoothing, 0.0)  # torch smooths only when label_smoothing > 0
     if not target.is_floating_point():
         _check_not_differentiable("cross_entropy", weight=weight)
-        target = target.long()
+        target = target.long() if input.dim() > 1 or target.dim() == 0 else target.long().reshape(())
     input, target, weight = _autocast(torch.float32, input, target, weight)
     return _apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored)
 
@@ -675,7 +725,7 @@ class BCEFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_a = (a - y) / (a * (1 - a)).clamp_min(1e-12) * g  # BP1: ∇_a C (clamped as torch)
         if ctx.needs_input_grad[1]:
-            grad_y = (torch.log1p(-a).clamp_min(-100) - torch.log(a).clamp_min(-100)) * g  # ∂C/∂y
+            grad_y = -torch.logit(a) * g  # ∂C/∂y = log(1 − a) − log(a), unclamped as torch
         return grad_a, grad_y, None, None
 
 
@@ -691,9 +741,7 @@ def _check_binary(fn: str, input, target, weight, reduction, size_average, reduc
     _check_tensor(fn, "pos_weight", pos_weight, optional=True)
     reduction = _reduction(fn, reduction, size_average, reduce)
     if target.shape != input.shape:
-        raise ValueError(
-            f"{fn}(): expected target of the input's size {tuple(input.shape)}, got {tuple(target.shape)}"
-        )
+        raise ValueError(f"{fn}(): expected target of the input's size {tuple(input.shape)}, got {tuple(target.shape)}")
     _check_float(fn, "input", input)
     for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
         _check_device(fn, input, name, t)
@@ -736,12 +784,17 @@ def binary_cross_entropy(
     """
     fn = "binary_cross_entropy"
     reduction = _check_binary(fn, input, target, weight, reduction, size_average, reduce)
+    if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        raise RuntimeError(  # torch's autocast bans it on CUDA for the same reason
+            f"{fn}() and BCELoss are unsafe to autocast: under torch.autocast('cuda') use "
+            "binary_cross_entropy_with_logits / BCEWithLogitsLoss on the logits instead"
+        )
+    input, target, weight = _autocast(torch.float32, input, target, weight)  # CPU autocast: float32
     _check_dtype(fn, input, "target", target)
     if not _is_traced(input) and input.numel() and not _within_0_1(input):
         raise RuntimeError(f"{fn}(): all elements of input should be between 0 and 1 (probabilities)")
     if weight is not None:
         weight = weight.expand(input.shape)
-    input, target, weight = _autocast(torch.float32, input, target, weight)
     return _apply(BCEFunction, input, target, weight, reduction)
 
 
