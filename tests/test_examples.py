@@ -5,7 +5,6 @@ import pathlib
 
 import pytest
 import torch
-
 from helpers import DEVICES
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"

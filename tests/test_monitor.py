@@ -886,9 +886,7 @@ def test_second_monitor_on_a_monitored_layer_fails_and_leaves_nothing_behind():
     finally:
         first.close()
     leftover = {
-        name: BF._taps[m]
-        for name, m in model.named_modules()
-        if isinstance(m, torchbp.nn.Linear) and m in BF._taps
+        name: BF._taps[m] for name, m in model.named_modules() if isinstance(m, torchbp.nn.Linear) and m in BF._taps
     }
     assert not leftover, f"taps left behind by the failed DeltaMonitor: {leftover}"
     assert len(BF._taps) == before
@@ -950,9 +948,7 @@ def test_off_means_off(device, tmp_path):
     monitor.close()
 
     assert len(BF._taps) == before
-    assert all(
-        m not in BF._taps for m in model.modules() if isinstance(m, torchbp.nn.Linear)
-    )
+    assert all(m not in BF._taps for m in model.modules() if isinstance(m, torchbp.nn.Linear))
     after, out = saved_tensors(model, x)
     assert after == baseline, f"saved tensors after close {after}, never monitored {baseline}"
     assert graph_taps(out) == [], "the autograd graph still holds monitor taps after close()"

@@ -461,6 +461,7 @@ def _add_check_parser(subparsers: Any) -> None:
 # The command line
 # --------------------------------------------------------------------------------------------------
 
+
 def _add_demo_parser(subparsers: Any) -> None:
     from . import demo
 

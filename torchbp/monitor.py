@@ -330,7 +330,9 @@ class DeltaMonitor:
                 {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
             )
             self._layout_written = True
-        summary = Summary(value=[Summary.Value(tag=f"{stat}/{layer}", simple_value=v) for (layer, stat), v in zip(names, values)])
+        summary = Summary(
+            value=[Summary.Value(tag=f"{stat}/{layer}", simple_value=v) for (layer, stat), v in zip(names, values)]
+        )
         self.writer._get_file_writer().add_summary(summary, step)
         self.writer.flush()  # the flush policy: each logged step is on disk before training goes on
         bad = [layer for (layer, stat), v in zip(names, values) if stat == "delta_nonfinite" and v]
@@ -353,7 +355,10 @@ def _open_writer(log):
             pass
         os.remove(probe)
     except OSError as e:
-        raise type(e)(e.errno, f"DeltaMonitor: cannot write TensorBoard logs to {path!r} ({e.strerror}); pass a writable directory") from None
+        raise type(e)(
+            e.errno,
+            f"DeltaMonitor: cannot write TensorBoard logs to {path!r} ({e.strerror}); pass a writable directory",
+        ) from None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:

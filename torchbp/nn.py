@@ -177,4 +177,3 @@ def convert(module: nn.Module) -> nn.Module:
             # The torchbp class adds only a forward to torch's, so the object stays valid as it is.
             m.__class__ = new_class
     return module
-
