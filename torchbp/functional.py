@@ -288,6 +288,10 @@ class SigmoidFunction(torch.autograd.Function):
         return delta.addcmul_(delta, a, value=-1)  # BP1/BP2: ∇_a C ⊙ a(1 − a), in one buffer
 
 
+# Integer types of the floating dtypes' width, for ReLU's bit-mask backward.
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
 class ReLUFunction(torch.autograd.Function):
     r"""a = max(z, 0); backward multiplies by σ'(z) = 1[z > 0] (0 at z = 0, as torch), from the output."""
 
@@ -309,10 +313,15 @@ class ReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (a,) = ctx.saved_tensors
-        inactive = a <= 0  # where σ'(z) = 0 (NaN passes the gradient, as in torch)
         if ctx.tap is not None:
-            ctx.tap.relu_mask(inactive)
-        return grad.masked_fill(inactive, 0), None  # BP1/BP2: ∇_a C ⊙ σ'(z)
+            ctx.tap.relu_mask(~a.bool())  # σ'(z) = 0 where a = relu(z) is ±0 (NaN counts as active)
+        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or a.dtype not in _BITS:
+            return torch.where(a.bool(), grad, 0.0), None  # BP1/BP2: ∇_a C ⊙ σ'(z), a select as torch's
+        # The same select, fast on CPU (where bool-mask kernels are slow) and in one buffer: the bits of
+        # |a| as integers, clamped to 1, are σ'(z) (1 also where a is NaN), and an integer product with
+        # the bits of ∇_a C selects them exactly: 0, not NaN, for an Inf or NaN gradient where σ'(z) = 0.
+        d_sigma = a.abs().view(_BITS[a.dtype]).clamp_(max=1)
+        return d_sigma.mul_(grad.view(_BITS[a.dtype])).view(a.dtype), None  # BP1/BP2: ∇_a C ⊙ σ'(z)
 
 
 def sigmoid(input: Tensor) -> Tensor:
@@ -548,18 +557,15 @@ class CrossEntropyFunction(torch.autograd.Function):
             if maybe_ignored:
                 keep = index != ignore_index
                 index = index.masked_fill(~keep, 0)
+            if weight is None and eps == 0 and not maybe_ignored:
+                if not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()):  # one buffer
+                    delta = torch.softmax(z, class_dim).scatter_(class_dim, index, -1.0, reduce="add")
+                    delta = delta.mul_(grad) if reduction != "mean" else delta.mul_(grad).div_(target.numel())
+                    return delta, None, None, None, None, None, None  # BP1: δ^L = a − y
+                y = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index  # one-hot y
+                delta = (torch.softmax(z, class_dim) - y.to(z.dtype)) * _scale(grad, reduction, target.numel())
+                return delta, None, None, None, None, None, None  # BP1: δ^L = a − y
             y = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index  # one-hot y
-            if weight is None and eps == 0 and not maybe_ignored and not ctx.needs_input_grad[1]:
-                g = _scale(grad, reduction, target.numel())
-                return (
-                    (torch.softmax(z, class_dim) - y.to(z.dtype)) * g,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                )  # BP1: δ^L = a − y
         # General case: C = −Σ_c q_c log softmax(z)_c, with q the weighted, smoothed target.
         log_p = torch.log_softmax(z, class_dim)
         w = None if weight is None else _view_classes(weight, z, class_dim)
@@ -600,6 +606,18 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) -> bool:
     """Validate; returns whether some target may equal ``ignore_index`` (False only when known)."""
+    if (  # the common case, (N, C) logits and (N,) int64 indices, in few checks
+        weight is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dim() == 2
+        and target.dtype == torch.int64
+        and target.shape == input.shape[:1]
+        and input.is_floating_point()
+        and target.device == input.device
+        and label_smoothing <= 1.0
+    ):
+        return _check_class_indices(input, target, input.shape[1], ignore_index)
     fn = "cross_entropy"
     _check_tensor(fn, "input", input)
     _check_tensor(fn, "target", target)
@@ -646,17 +664,25 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         expected = target.shape  # torch takes (1,) for one unbatched sample too
     if target.shape != expected:
         raise RuntimeError(f"{fn}(): expected target of shape {tuple(expected)}, got {tuple(target.shape)}")
+    return _check_class_indices(input, target, n_classes, ignore_index)
+
+
+def _check_class_indices(input: Tensor, target: Tensor, n_classes: int, ignore_index: int) -> bool:
+    """Raise IndexError for a class index out of range; returns whether one may be ``ignore_index``."""
     if _is_traced(input, target):
         return True
     if not target.numel():
         return False
-    lo, hi = torch.stack(torch.aminmax(target)).tolist()  # one host read
+    if target.is_cpu:
+        lo, hi = (t.item() for t in torch.aminmax(target))
+    else:
+        lo, hi = torch.stack(torch.aminmax(target)).tolist()  # one host read (a sync on CUDA)
     if not (0 <= lo and hi < n_classes):
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
         if bad.any():
             raise IndexError(
-                f"{fn}(): target {target[bad][0].item()} is out of bounds: expected class indices in "
-                f"[0, {n_classes - 1}] or ignore_index={ignore_index}"
+                f"cross_entropy(): target {target[bad][0].item()} is out of bounds: expected class indices "
+                f"in [0, {n_classes - 1}] or ignore_index={ignore_index}"
             )
     return lo <= ignore_index <= hi
 
