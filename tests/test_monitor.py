@@ -966,3 +966,28 @@ def test_two_monitors_count_back_to_zero():
     assert len(BF._taps) == before + len(mb.layers)
     mb.close()
     assert len(BF._taps) == before == 0
+
+
+@pytest.mark.parametrize("length", [0, 1, 8, 63, 64, 507, 4095, 4096, 4097, 10_000])
+def test_event_record_checksum_equals_tensorboards(length):
+    """The monitor's own event writer frames records with TensorBoard's masked CRC-32C."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from torchbp._events import masked_crc32c as ours
+
+    data = bytes(torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(length)).tolist())
+    assert ours(data) == masked_crc32c(data)
+
+
+def test_own_writer_is_a_summary_writer_on_disk_at_once(tmp_path):
+    """With a log directory, monitor.writer is a torch SummaryWriter whose events are on disk when the call returns."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = bp_copy(sigmoid_mlp()[0])
+    with torchbp.DeltaMonitor(model, log=tmp_path, histogram_every=0) as monitor:
+        assert isinstance(monitor.writer, SummaryWriter)
+        model(torch.randn(3, 6)).sum().backward()
+        monitor.writer.add_scalar("loss/train", 0.25, 0)
+        ea = read_events(tmp_path)  # read while the writer is still open
+        assert scalar_series(ea, "loss/train") == {0: 0.25}
+        assert sorted(scalar_series(ea, "delta_norm/0")) == [0]

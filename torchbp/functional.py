@@ -289,7 +289,12 @@ class SigmoidFunction(torch.autograd.Function):
 
 
 # Integer types of the floating dtypes' width, for ReLU's bit-mask backward.
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 class ReLUFunction(torch.autograd.Function):
@@ -314,7 +319,7 @@ class ReLUFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (a,) = ctx.saved_tensors
         if ctx.tap is not None:
-            ctx.tap.relu_mask(~a.bool())  # σ'(z) = 0 where a = relu(z) is ±0 (NaN counts as active)
+            ctx.tap.relu_output(a)  # the monitor counts the units with σ'(z) = 0 for every sample
         if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or a.dtype not in _BITS:
             return torch.where(a.bool(), grad, 0.0), None  # BP1/BP2: ∇_a C ⊙ σ'(z), a select as torch's
         # The same select, fast on CPU (where bool-mask kernels are slow) and in one buffer: the bits of
