@@ -5,6 +5,7 @@ The MLP is [784, 512, 512, 10] at batch 256 (sigmoid and ReLU), trained with SGD
 Three copies of the same torchbp model (same initial weights) are timed, interleaved:
 
     off          torchbp, no monitor attached (the baseline)
+    record only  DeltaMonitor(model): every statistic computed on every backward pass, nothing logged
     monitor      DeltaMonitor(model, log=<tmp dir>, every=1): every statistic computed on every
                  backward pass and written to TensorBoard every step (one host transfer and one
                  flushed event per step), histograms of δ every 10 steps (the default)
@@ -83,10 +84,11 @@ def run(device: torch.device, act: str, logdir: str, args) -> list[Variant]:
     def trainer() -> Trainer:
         return Trainer(copy.deepcopy(model), loss_fn, "sgd", batches)
 
-    off = trainer()
+    off, rec = trainer(), trainer()
     mon, per = trainer(), trainer()
     variants = [
         Variant("off", off, None, False),
+        Variant("record only", rec, torchbp.DeltaMonitor(rec.model), False),
         Variant(
             "monitor",
             mon,
@@ -109,7 +111,7 @@ def run(device: torch.device, act: str, logdir: str, args) -> list[Variant]:
     probe = min(variants[0].block(timer, 1) for _ in range(3))
     k = max(1, round(args.block_ms / 1e3 / probe))
     for r in range(args.repeats):
-        order = variants[r % 3 :] + variants[: r % 3]
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
         times = {v.name: v.block(timer, k) for v in order}
         for v in variants:
             v.times.append(times[v.name])

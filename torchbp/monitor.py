@@ -13,6 +13,7 @@ No module backward hooks are used, and no second backward pass. Without a monito
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -63,7 +64,7 @@ class _LayerTap:
         if _wrapped(a):
             return
         a = a.detach().reshape(-1, a.shape[-1])
-        self.dead = a.amax(0) == 0 if a.shape[0] else a.new_ones(a.shape[1], dtype=torch.bool)
+        self.dead = a.amax(0) if a.shape[0] else a.new_zeros(a.shape[1])  # dead where 0 (host side)
 
     @torch.no_grad()
     def __call__(self, delta: Tensor, input: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
@@ -74,7 +75,7 @@ class _LayerTap:
         per_sample = torch.linalg.vector_norm(d if d.dim() == 2 else d.reshape(n, -1), dim=1)  # ‖δ_n‖
         bias_grad = grad_bias if grad_bias is not None else d.reshape(-1, d.shape[-1]).sum(0)  # BP3
         # The reductions over δ and ∂C/∂W happen here, in backward; the statistics that follow from
-        # the small tensors kept (per-sample norms, dead units) are finished when read (_finish).
+        # the small tensors kept (per-sample norms, dead units) are finished on the host when read (_to_host).
         stats = {
             "delta_norm": torch.linalg.vector_norm(bias_grad),
             "weight_grad_norm": None if grad_weight is None else _norm(grad_weight),
@@ -217,7 +218,7 @@ class DeltaMonitor:
         self._hists: dict[str, Tensor | None] = {}
         self._last: dict[str, dict[str, Tensor | None]] = {}
         self._last_order: list[str] = []
-        self._finished: dict[str, dict[str, Tensor | None]] | None = None
+        self._finished: dict[str, dict[str, Any]] | None = None
         self._task = None
         self._attached = False
         self.attach()
@@ -301,11 +302,9 @@ class DeltaMonitor:
         apply (the output layer's gain, dead units of a layer not followed by ReLU, the weight
         gradient of a frozen weight) is ``None``. Reading synchronises with the device once.
         """
-        names, values = self._host_values()
-        out: dict[str, dict[str, Any]] = {}
-        for (layer, stat), value in zip(names, values):
-            out.setdefault(layer, {k: None for k in STATS})[stat] = bool(value) if stat == "delta_nonfinite" else value
-        return out
+        if self._finished is None:
+            self._finished, _ = self._to_host({})
+        return {layer: dict(stats) for layer, stats in self._finished.items()}
 
     @property
     def first_nonfinite(self) -> str | None:
@@ -326,79 +325,96 @@ class DeltaMonitor:
             raise RuntimeError("DeltaMonitor: per-sample norms are off; create the monitor with per_sample_norms=True")
         return dict(self._per_sample)
 
-    def _finish(self) -> dict[str, dict[str, Tensor | None]]:
-        """The last backward pass's statistics, in :data:`STATS` order, as device tensors."""
-        if self._finished is None:
-            self._finished, previous = {}, None
-            for name in self._last_order:  # backward order: the output layer first
-                raw = self._last[name]
-                per_sample, dead = raw["_per_sample"], raw["_dead"]
-                empty = per_sample.numel() == 0
-                fro = torch.linalg.vector_norm(per_sample)  # ‖δ‖ over the batch
-                self._finished[name] = {
-                    "delta_norm": raw["delta_norm"],
-                    "delta_sample_norm_mean": fro.new_zeros(()) if empty else per_sample.mean(),
-                    "delta_sample_norm_max": fro.new_zeros(()) if empty else per_sample.max(),
-                    "weight_grad_norm": raw["weight_grad_norm"],
-                    "delta_gain": None if previous is None else fro / previous,
-                    "dead_fraction": None if dead is None else dead.float().mean(),
-                    # A NaN or Inf anywhere in δ reaches its norm (as does a float overflow, |δ| > 1e19 in float32).
-                    "delta_nonfinite": ~torch.isfinite(fro),
-                }
-                previous = fro
-        return self._finished
+    def _to_host(self, hists: dict[str, Tensor | None]) -> tuple[dict[str, dict[str, Any]], list[list[float]]]:
+        """Copy what backward kept to the host in one transfer and finish the statistics there.
 
-    def _host_values(self, hists: dict[str, Tensor | None] | None = None) -> tuple[list[tuple[str, str]], list[float]]:
-        names, tensors = [], []
-        finished = self._finish()
-        for layer in self._last_order:
-            for stat, value in finished[layer].items():
-                if value is not None:
-                    names.append((layer, stat))
-                    tensors.append(value.float())
-        if not tensors:
-            return [], []
-        flat = torch.stack(tensors)
-        if hists:
-            flat = torch.cat([flat, *(h for h in hists.values() if h is not None)])
-        return names, flat.tolist()  # the one host transfer
+        Backward kept, per layer, ‖∂C/∂b‖, ‖∂C/∂W‖, the per-sample norms ‖δ_n‖ and the dead-unit mask:
+        the mean, max, ‖δ‖, gain, dead fraction and non-finite flag follow from them in a few numpy
+        operations, cheaper than as many small device ops. Returns the statistics and the histograms.
+        """
+        pieces, sizes = [], []
+        for name in self._last_order:
+            raw = self._last[name]
+            parts = [raw["delta_norm"].reshape(1)]
+            if raw["weight_grad_norm"] is not None:
+                parts.append(raw["weight_grad_norm"].reshape(1))
+            parts.append(raw["_per_sample"])
+            if raw["_dead"] is not None:
+                parts.append(raw["_dead"])
+            pieces += parts
+            sizes.append([p.numel() for p in parts])
+        hist_list = [h for h in hists.values() if h is not None]
+        if not pieces and not hist_list:
+            return {}, []
+        flat = torch.cat([p.detach() for p in pieces + hist_list]).double().cpu().numpy()  # the one transfer
+        stats: dict[str, dict[str, Any]] = {}
+        at, previous = 0, None
+        for name, layer_sizes in zip(self._last_order, sizes):
+            raw = self._last[name]
+            delta_norm = flat[at]
+            at += 1
+            weight_norm = None
+            if raw["weight_grad_norm"] is not None:
+                weight_norm, at = float(flat[at]), at + 1
+            n = layer_sizes[len(layer_sizes) - (2 if raw["_dead"] is not None else 1)]
+            per_sample, at = flat[at : at + n], at + n
+            dead = None
+            if raw["_dead"] is not None:
+                out = layer_sizes[-1]
+                dead, at = int((flat[at : at + out] == 0).sum()) / out if out else 0.0, at + out
+            squares = float(per_sample.dot(per_sample))
+            fro = math.sqrt(squares) if squares == squares else squares  # ‖δ‖ over the batch
+            if previous is None:
+                gain = None
+            else:
+                gain = fro / previous if previous else (math.nan if fro == 0 or fro != fro else math.inf)
+            stats[name] = {
+                "delta_norm": float(delta_norm),
+                "delta_sample_norm_mean": float(per_sample.sum()) / n if n else 0.0,
+                "delta_sample_norm_max": float(per_sample.max()) if n else 0.0,
+                "weight_grad_norm": weight_norm,
+                "delta_gain": gain,
+                "dead_fraction": dead,
+                # A NaN or Inf anywhere in δ reaches its norm (as does an overflow, |δ| > 1e19 in float32).
+                "delta_nonfinite": not math.isfinite(fro),
+            }
+            previous = fro
+        width = 6 + HISTOGRAM_BINS
+        histograms = [flat[at + k * width : at + (k + 1) * width].tolist() for k in range(len(hist_list))]
+        return stats, histograms
 
     def _write(self, step: int, scalars: bool = True) -> None:
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
         hists, self._hists = self._hists, {}
-        names, values = self._host_values(hists)
-        rest, values = values[len(names) :], values[: len(names)]
-        if not scalars:
-            names, values = [], []
+        self._finished, histograms = self._to_host(hists)
+        values = []
+        if scalars:
+            for layer, stats in self._finished.items():
+                values += [(f"{stat}/{layer}", float(v)) for stat, v in stats.items() if v is not None]
         histos = []
-        for layer, h in hists.items():
-            if h is not None:
-                (mn, mx, total, squares, lo, hi), counts = rest[:6], rest[6 : 6 + HISTOGRAM_BINS]
-                rest = rest[6 + HISTOGRAM_BINS :]
-                width = (hi - lo) / HISTOGRAM_BINS
-                proto = HistogramProto(
-                    min=mn,
-                    max=mx,
-                    num=sum(counts),
-                    sum=total,
-                    sum_squares=squares,
-                    bucket_limit=[lo + width * (i + 1) for i in range(HISTOGRAM_BINS)],
-                    bucket=counts,
-                )
-                histos.append(Summary.Value(tag=f"delta/{layer}", histo=proto))
+        for layer, h in zip([k for k, v in hists.items() if v is not None], histograms):
+            (mn, mx, total, squares, lo, hi), counts = h[:6], h[6:]
+            width = (hi - lo) / HISTOGRAM_BINS
+            proto = HistogramProto(
+                min=mn,
+                max=mx,
+                num=sum(counts),
+                sum=total,
+                sum_squares=squares,
+                bucket_limit=[lo + width * (i + 1) for i in range(HISTOGRAM_BINS)],
+                bucket=counts,
+            )
+            histos.append(Summary.Value(tag=f"delta/{layer}", histo=proto))
         if not self._layout_written:
             self.writer.add_custom_scalars(
                 {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
             )
             self._layout_written = True
-        summary = Summary(
-            value=[Summary.Value(tag=f"{stat}/{layer}", simple_value=v) for (layer, stat), v in zip(names, values)]
-            + histos
-        )
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values] + histos)
         self.writer._get_file_writer().add_summary(summary, step)
         self.writer.flush()  # the flush policy: each logged step is on disk before training goes on
-        bad = [layer for (layer, stat), v in zip(names, values) if stat == "delta_nonfinite" and v]
+        bad = [layer for layer, stats in self._finished.items() if stats["delta_nonfinite"]] if scalars else []
         if bad:
             warnings.warn(f"DeltaMonitor: δ is not finite at step {step}, first in layer {bad[0]!r}", stacklevel=2)
 
