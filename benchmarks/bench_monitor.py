@@ -6,6 +6,7 @@ Three copies of the same torchbp model (same initial weights) are timed, interle
 
     off          torchbp, no monitor attached (the baseline)
     record only  DeltaMonitor(model): every statistic computed on every backward pass, nothing logged
+    log every 10 DeltaMonitor(model, log=<tmp dir>, every=10): recorded every step, written every 10th
     monitor      DeltaMonitor(model, log=<tmp dir>, every=1): every statistic computed on every
                  backward pass and written to TensorBoard every step (one host transfer and one
                  flushed event per step), histograms of δ every 10 steps (the default)
@@ -84,11 +85,17 @@ def run(device: torch.device, act: str, logdir: str, args) -> list[Variant]:
     def trainer() -> Trainer:
         return Trainer(copy.deepcopy(model), loss_fn, "sgd", batches)
 
-    off, rec = trainer(), trainer()
+    off, rec, ten = trainer(), trainer(), trainer()
     mon, per = trainer(), trainer()
     variants = [
         Variant("off", off, None, False),
         Variant("record only", rec, torchbp.DeltaMonitor(rec.model), False),
+        Variant(
+            "log every 10",
+            ten,
+            torchbp.DeltaMonitor(ten.model, log=os.path.join(logdir, f"{device.type}-{act}-ten"), every=10),
+            False,
+        ),
         Variant(
             "monitor",
             mon,
