@@ -38,7 +38,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import ACTIVATIONS, Timer, Trainer, build_mlp, cpu_model, log, quantile  # noqa: E402
+from bench_step import ACTIVATIONS, Timer, Trainer, build_mlp, cpu_model, log, quantile, select_devices  # noqa: E402
 
 import torchbp  # noqa: E402
 
@@ -143,12 +143,9 @@ def main(argv=None) -> int:
     args.block_ms = args.block_ms or (30 if args.quick else 200)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        log("error: --device cuda, but torch.cuda.is_available() is False")
+    devices = select_devices(args.device)
+    if devices is None:
         return 2
-    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
-    if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
-        devices.append(torch.device("cuda"))
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="torchbp-bench-monitor-") as logdir:

@@ -615,16 +615,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def select_devices(choice: str) -> list[torch.device] | None:
+    """--device cpu|cuda|all -> the devices to run on ('all': CPU, and CUDA when available); None if
+    CUDA was asked for and is not available."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        log("error: --device cuda, but torch.cuda.is_available() is False")
+        return None
+    devices = [torch.device("cpu")] if choice in ("cpu", "all") else []
+    if choice == "cuda" or (choice == "all" and torch.cuda.is_available()):
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    return devices
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        log("error: --device cuda, but torch.cuda.is_available() is False")
+    devices = select_devices(args.device)
+    if devices is None:
         return 2
-    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
-    if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
-        devices.append(torch.device("cuda", torch.cuda.current_device()))
     sizes = [s for s in SIZES if s[0] in args.sizes.split(",")]
     acts = [a for a in ACTIVATIONS if a in args.activations.split(",")]
     if not sizes or not acts:
