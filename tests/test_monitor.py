@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -991,3 +992,43 @@ def test_own_writer_is_a_summary_writer_on_disk_at_once(tmp_path):
         ea = read_events(tmp_path)  # read while the writer is still open
         assert scalar_series(ea, "loss/train") == {0: 0.25}
         assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
+
+
+def test_own_event_file_never_collides_with_a_summary_writers(tmp_path):
+    """A SummaryWriter and the monitor's writer opened together in one directory keep both files' data."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from torchbp._events import summary_writer
+
+    theirs, ours = SummaryWriter(str(tmp_path)), summary_writer(str(tmp_path))
+    for i in range(3):
+        theirs.add_scalar("loss", float(i), i)
+        theirs.flush()
+        ours.add_scalar("delta", float(i), i)
+    theirs.close()
+    ours.close()
+    ea = read_events(tmp_path)
+    assert scalar_series(ea, "loss") == {0: 0.0, 1: 1.0, 2: 2.0}
+    assert scalar_series(ea, "delta") == {0: 0.0, 1: 1.0, 2: 2.0}
+
+
+@pytest.mark.parametrize("scale", [float("inf"), 2e38], ids=["inf", "float32-range"])
+def test_histogram_of_a_delta_wider_than_float32_does_not_break_backward(tmp_path, scale):
+    lin = torchbp.nn.Linear(2, 2)
+    with torchbp.DeltaMonitor(lin, log=tmp_path, histogram_every=1) as monitor, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (lin(torch.randn(3, 2)) * torch.tensor([scale, -scale])).sum().backward()
+        if scale == float("inf"):
+            assert monitor.latest()[""]["delta_nonfinite"] is True
+    (hist,) = read_events(tmp_path).Histograms("delta/")
+    assert hist.histogram_value.num == 6
+
+
+def test_half_precision_delta_with_large_norm_is_finite():
+    """‖δ_n‖ above float16's 65504 must not read as a non-finite δ."""
+    lin = torchbp.nn.Linear(4, 4096).half()
+    with torchbp.DeltaMonitor(lin) as monitor:
+        (lin(torch.randn(3, 4).half()) * 2000).sum().backward()
+        stats = monitor.latest()[""]
+    assert stats["delta_nonfinite"] is False
+    assert math.isclose(stats["delta_sample_norm_max"], 2000 * 64, rel_tol=1e-3)

@@ -92,10 +92,18 @@ class _EventFile:
     def __init__(self, logdir: str, filename_suffix: str = "") -> None:
         from tensorboard.compat.proto.event_pb2 import Event
 
-        self._logdir = logdir
+        self._logdir, self._suffix = logdir, filename_suffix
         os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}.{next(_counter)}"
-        self._file = open(os.path.join(logdir, name + filename_suffix), "wb")  # noqa: SIM115
+        while True:  # a name no other writer uses ("torchbp" keeps it apart from TensorBoard's own numbering)
+            name = (
+                f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+                f".torchbp{next(_counter)}{filename_suffix}"
+            )
+            try:
+                self._file = open(os.path.join(logdir, name), "xb")  # noqa: SIM115
+                break
+            except FileExistsError:
+                continue
         self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def get_logdir(self) -> str:
@@ -116,7 +124,9 @@ class _EventFile:
         self._file.close()
 
     def reopen(self) -> None:
-        pass
+        """After close(), continue in a new event file (as TensorBoard's writer does)."""
+        if self._file.closed:
+            self.__init__(self._logdir, self._suffix)
 
 
 def summary_writer(logdir: str):

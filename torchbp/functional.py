@@ -320,7 +320,14 @@ class ReLUFunction(torch.autograd.Function):
         (a,) = ctx.saved_tensors
         if ctx.tap is not None:
             ctx.tap.relu_output(a)  # the monitor counts the units with σ'(z) = 0 for every sample
-        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or a.dtype not in _BITS:
+        if (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()  # (the compiler fuses the select by itself)
+            or torch._C._are_functorch_transforms_active()
+            or a.dtype not in _BITS
+            or grad.dtype != a.dtype  # (a saved-tensor hook may change a's dtype)
+            or grad.is_neg()
+        ):
             return torch.where(a.bool(), grad, 0.0), None  # BP1/BP2: ∇_a C ⊙ σ'(z), a select as torch's
         # The same select, fast on CPU (where bool-mask kernels are slow) and in one buffer: the bits of
         # |a| as integers, clamped to 1, are σ'(z) (1 also where a is NaN), and an integer product with

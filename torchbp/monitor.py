@@ -42,12 +42,14 @@ def _wrapped(t: Tensor) -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def _norm(t: Tensor) -> Tensor:
-    """‖t‖ (Frobenius); as the square root of a BLAS dot product for float32/64, about twice as fast."""
-    if t.dtype in (torch.float32, torch.float64):
+def _norm(t: Tensor, dim: int | None = None) -> Tensor:
+    """‖t‖ (over ``dim``, or Frobenius); in float32 for half-precision t, whose norms overflow at 65504;
+    a whole-tensor float32/64 norm as the square root of a BLAS dot product, about twice as fast."""
+    if dim is None and t.dtype in (torch.float32, torch.float64):
         v = t.reshape(-1)
         return torch.dot(v, v).sqrt()
-    return torch.linalg.vector_norm(t)
+    dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(t, dim=dim, dtype=dtype)
 
 
 class _LayerTap:
@@ -72,12 +74,12 @@ class _LayerTap:
             return
         d = delta.detach()
         n = d.shape[0] if d.dim() > 1 else 1
-        per_sample = torch.linalg.vector_norm(d if d.dim() == 2 else d.reshape(n, -1), dim=1)  # ‖δ_n‖
+        per_sample = _norm(d if d.dim() == 2 else d.reshape(n, -1), dim=1)  # ‖δ_n‖
         bias_grad = grad_bias if grad_bias is not None else d.reshape(-1, d.shape[-1]).sum(0)  # BP3
         # The reductions over δ and ∂C/∂W happen here, in backward; the statistics that follow from
         # the small tensors kept (per-sample norms, dead units) are finished on the host when read (_to_host).
         stats = {
-            "delta_norm": torch.linalg.vector_norm(bias_grad),
+            "delta_norm": _norm(bias_grad, dim=0),
             "weight_grad_norm": None if grad_weight is None else _norm(grad_weight),
             "_per_sample": per_sample,
             "_dead": self.dead,
@@ -109,8 +111,15 @@ def _histogram(delta: Tensor) -> Tensor | None:
     scratch = x.nan_to_num()
     lo, hi = torch.aminmax(scratch)
     lo, hi = torch.where(lo == hi, lo - 1, lo), torch.where(lo == hi, hi + 1, hi)
-    bins = scratch.sub_(lo).mul_(HISTOGRAM_BINS / (hi - lo)).clamp_(0, HISTOGRAM_BINS - 1).int()
-    counts = torch.bincount(bins, minlength=HISTOGRAM_BINS)
+    # bin = (x − lo) · bins / (hi − lo), with the scale and offset formed in float64: hi − lo can exceed
+    # the float32 range (δ with ±Inf or ±1e38), where float32 arithmetic would give NaN bins.
+    scale = HISTOGRAM_BINS / (hi.double() - lo.double())
+    bins = scratch.mul_(scale.float()).sub_((lo.double() * scale).float()).clamp_(0, HISTOGRAM_BINS - 1).int()
+    if bins.is_cpu:
+        counts = torch.bincount(bins, minlength=HISTOGRAM_BINS)
+    else:  # bincount reads its maximum back to the host; a fixed-size index_add_ does not
+        ones = torch.ones((), dtype=torch.int64, device=bins.device).expand(bins.shape)
+        counts = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64, device=bins.device).index_add_(0, bins, ones)
     return torch.cat([torch.stack([*stats, lo, hi]), counts])
 
 
@@ -354,7 +363,7 @@ class DeltaMonitor:
         hist_list = [h for h in hists.values() if h is not None]
         if not pieces and not hist_list:
             return {}, []
-        flat = torch.cat([p.detach() for p in pieces + hist_list]).double().cpu().numpy()  # the one transfer
+        flat = torch.cat([p.detach() for p in pieces + hist_list]).cpu().double().numpy()  # the one transfer
         stats: dict[str, dict[str, Any]] = {}
         at, previous = 0, None
         for name, layer_sizes in zip(self._last_order, sizes):
