@@ -86,6 +86,15 @@ def masked_crc32c(data: bytes) -> int:
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def ensure_writable(path: str) -> None:
+    """Create the log directory ``path`` if needed and check that a file can be written in it (OSError if not)."""
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, ".torchbp-write-test")
+    with open(probe, "w"):
+        pass
+    os.remove(probe)
+
+
 class _EventFile:
     """TensorBoard's ``EventFileWriter`` interface, written and flushed in the calling thread."""
 

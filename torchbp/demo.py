@@ -33,6 +33,7 @@ from typing import Any, TextIO
 import torch
 
 import torchbp
+from torchbp._events import ensure_writable
 
 __all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
 
@@ -401,11 +402,7 @@ def _tolerate_unencodable(stream: TextIO) -> None:
 def _check_logdir(path: str) -> None:
     """Fail before training when the log directory is not writable; note earlier runs in it."""
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".torchbp-demo-write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        ensure_writable(path)
     except OSError as e:
         raise DemoError(f"cannot write TensorBoard logs to {path!r} ({e.strerror}); pass a writable --logdir") from None
     if any(name.startswith("events.out.tfevents") for name in os.listdir(path)):

@@ -445,11 +445,7 @@ def _open_writer(log):
         raise TypeError(f"DeltaMonitor: log must be a directory path or a SummaryWriter, got {type(log).__name__}")
     path = os.fspath(log)
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".torchbp-write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        _events.ensure_writable(path)
     except OSError as e:
         raise type(e)(
             e.errno,
