@@ -2,8 +2,8 @@
 
 Usage: python _monitor_train_child.py LOGDIR
 
-After each finished step it prints one JSON line {"step": s, "delta_norm": {layer: value}} and
-flushes stdout. It trains without pause until killed, and stops by itself after 60 s or 100000
+After each finished step it prints one JSON line {"step": s, "t": time.monotonic(), "delta_norm": {layer: value}}
+and flushes stdout. It trains without pause until killed, and stops by itself after 60 s or 100000
 steps, so it can never outlive a test that lost track of it.
 """
 
@@ -34,7 +34,7 @@ for _ in range(100000):
     loss_fn(model(x), y).backward()
     opt.step()
     values = {name: stats["delta_norm"] for name, stats in monitor.latest().items()}
-    print(json.dumps({"step": monitor.step, "delta_norm": values}), flush=True)
+    print(json.dumps({"step": monitor.step, "t": time.monotonic(), "delta_norm": values}), flush=True)
     if time.monotonic() - start > 60:
         break
 monitor.close()

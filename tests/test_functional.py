@@ -426,7 +426,7 @@ def test_every_function_is_covered():
     covered = {name.split("-")[0] for name in (c.id for c in CASES)}
     short = {"linear", "sigmoid", "relu", "mse", "quadratic", "ce", "bce", "bcel"}
     assert covered >= short
-    public = {n for n in BF.__all__ if not n[0].isupper()}
+    public = {n for n in BF.__all__ if not n[0].isupper() and not n.endswith("_backward")}
     assert public == {
         "linear",
         "sigmoid",
