@@ -410,7 +410,10 @@ class ReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input: Tensor, inplace: bool = False, slot=None) -> Tensor:
-        return input.relu_() if inplace else torch.relu(input)
+        if inplace:
+            input.relu_()
+            return input  # (the input itself, as torch.compile wants a dirty input returned)
+        return torch.relu(input)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -585,12 +588,17 @@ def _autocast(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tenso
 
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, slot=None) -> Tensor:
+    if slot is not None and slot.needs_input and torch.compiler.is_compiling():
+        return _linear_eagerly(input, weight, bias, slot)  # a monitor's per-sample norms are eager-only
     _checks.check_linear(input, weight, bias)
     input, weight, bias = _autocast(None, input, weight, bias)
     z = _apply(LinearFunction, input, weight, bias, slot)
     if slot is not None and not torch.compiler.is_compiling() and slot.discovering:
         slot.discover(input)  # the monitor reads the data flow into this layer from the autograd graph
     return z
+
+
+_linear_eagerly = torch.compiler.disable(_linear)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

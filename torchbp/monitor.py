@@ -14,6 +14,7 @@ No module backward hooks are used, and no second backward pass. Without a monito
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import threading
@@ -401,6 +402,8 @@ class DeltaMonitor:
         self._handles: list[Any] = []
         self.writer, self._owns_writer = None, False
         self._layout_written = False
+        self._pending: collections.deque = collections.deque()
+        self._drawing: threading.Thread | None = None
         self._sink: _Sink | None = None
         self.attach()
         try:
@@ -468,13 +471,15 @@ class DeltaMonitor:
     def flush(self) -> None:
         """Block until every step logged so far is written and handed to the operating system."""
         if self._sink is not None:
+            self._write_arrived(wait=True)
             self._sink.flush()
 
     def close(self) -> None:
         """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""
         self.detach()
         if self._sink is not None:
-            self._submit_image()
+            self._write_arrived(wait=True)
+            self._write_image(background=False)
             self._sink.flush()
             if self._owns_writer:
                 self.writer.close()
@@ -571,31 +576,39 @@ class DeltaMonitor:
         return snapshot
 
     def _submit_step(self, gen: int, scalars: bool) -> None:
+        """Start the copy of this step's records (and histograms) to the host; write what has arrived."""
         snapshot = self._unscaled(self._buffer, self._scale_at_step)
         vectors = None
         if scalars and self._vectors is not None:  # every rank logs the same steps: all take part
             snapshot, vectors = self._gather(snapshot)
         if self._sink is None:
             return
-        hists, step = self._hists, self.step
-        names = [k for k, v in hists.items() if v is not None]
-        pending = _to_host([snapshot, vectors, *[hists[k] for k in names]])
+        names = [k for k, v in self._hists.items() if v is not None]
+        copy = _HostCopy([snapshot, vectors, *[self._hists[k] for k in names]])
+        self._pending.append((self.step, gen, scalars, names, copy))
+        self._write_arrived()
 
-        def build():
-            arrays = pending.wait()
-            stats = self._decode(arrays[0], gen, arrays[1])
-            if scalars:
+    def _write_arrived(self, wait: bool = False) -> None:
+        """Build and queue the events of the logged steps whose records are on the host (on CPU: at once;
+        on CUDA: when their copy has finished, checked without waiting, or waited for with ``wait``).
+
+        This runs in the training thread: a few numpy operations and protobufs per logged step, cheaper
+        than handing them to another thread that would contend for the GIL; the file writes happen in
+        the writer's background thread."""
+        while self._pending and (wait or self._pending[0][-1].ready()):
+            step, gen, scalars, names, copy = self._pending.popleft()
+            records, vectors, *hists = copy.wait()
+            stats = self._decode(records, gen, vectors) if scalars else None
+            if stats is not None:
                 self._remember(step, stats)
-            return self._event(step, stats if scalars else None, dict(zip(names, arrays[2:])))
-
-        if not self._layout_written:  # TensorBoard's custom-scalars page: every layer's delta_norm in one chart
-            self._layout_written = True
-            self.writer.add_custom_scalars(
-                {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
-            )
-        self._sink.submit(build)
-        if scalars and self.image_every and step % self.image_every == 0 and step > 0:
-            self._submit_image()
+            if not self._layout_written:  # TensorBoard's custom-scalars page: every layer's delta_norm in one chart
+                self._layout_written = True
+                self.writer.add_custom_scalars(
+                    {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
+                )
+            self._sink.write(self._event(step, stats, dict(zip(names, hists))))
+            if scalars and self.image_every and step % self.image_every == 0 and step > 0:
+                self._write_image(background=True)
 
     def _gather(self, snapshot: Tensor) -> tuple[Tensor, Tensor]:
         """All ranks' records and vectors (one all-gather of one flat tensor)."""
@@ -715,26 +728,32 @@ class DeltaMonitor:
             )
         return _event(step, _scalar_values(values) + histograms)
 
-    def _submit_image(self) -> None:
+    def _write_image(self, background: bool) -> None:
+        """Draw the δ map of the logged steps so far (matplotlib, in a background thread during training)."""
         if self._sink is None or not self._history["steps"]:
             return
         try:
             from . import picture
         except ImportError:
             return
-        step = self.step
+        step, history, sink = self.step, self.history(), self._sink
 
-        def build():
-            history = self.history()
+        def draw():
             try:
                 png = picture.render_png(picture.delta_map_figure({"": history}))
-                height, width = _png_size(png)
             except ImportError as e:
-                self._warn_once("matplotlib", f"no δ map image: {e}")
-                return []
-            return _event(step, [_image_value("delta_map", png, height, width)])
+                self._warn_once("matplotlib", f"no δ map image in TensorBoard: {e}")
+                return
+            sink.write(_event(step, [_image_value("delta_map", png, *_png_size(png))]))
 
-        self._sink.submit(build)
+        if background:
+            if self._drawing is None or not self._drawing.is_alive():
+                self._drawing = threading.Thread(target=draw, name="torchbp-delta-map", daemon=True)
+                self._drawing.start()
+        else:
+            if self._drawing is not None:
+                self._drawing.join()
+            draw()
 
 
 def _merge_ranks(records, vectors, gen, vector_at, out):
@@ -806,65 +825,41 @@ def _open_writer(log):
 
 
 class _HostCopy:
-    """Tensors on their way to the host: on CUDA non-blocking copies into pinned memory and an event;
-    :meth:`wait` (in the writer's thread) waits for the event and returns numpy arrays."""
+    """Tensors on their way to the host: on CUDA, non-blocking copies into pinned memory and an event."""
 
     def __init__(self, tensors: list[Tensor | None]) -> None:
         self.event = None
         self.copies: list[Tensor | None] = []
         for t in tensors:
-            if t is None:
-                self.copies.append(None)
-            elif t.is_cuda:
+            if t is not None and t.is_cuda:
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 self.copies.append(host.copy_(t, non_blocking=True))
+                self.event = self.event or torch.cuda.Event()
             else:
-                self.copies.append(t.detach())
-        if any(t is not None and t.is_cuda for t in tensors):
-            self.event = torch.cuda.Event()
+                self.copies.append(t)
+        if self.event is not None:
             self.event.record()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
 
     def wait(self) -> list[np.ndarray | None]:
         if self.event is not None:
             self.event.synchronize()
-        return [None if t is None else t.numpy() for t in self.copies]
-
-
-_to_host = _HostCopy
+        return [None if t is None else t.detach().numpy() for t in self.copies]
 
 
 class _Sink:
-    """Runs the monitor's event builders in a background thread and writes their events to ``writer``
-    (the monitor's own threaded writer, or any SummaryWriter)."""
+    """Where the monitor's events go: the file writer of ``writer`` (the monitor's own, or a
+    SummaryWriter of the user's), whose background thread writes them."""
 
     def __init__(self, writer) -> None:
         self.writer = writer
-        file_writer = writer._get_file_writer()
-        self._submit = getattr(file_writer, "submit", None)
-        if self._submit is None:  # a SummaryWriter of the user's: our own thread builds, its writer writes
-            import concurrent.futures
 
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torchbp-monitor")
-            self._futures: list[Any] = []
-
-    def submit(self, build) -> None:
-        if self._submit is not None:
-            self._submit(build)
-            return
-
-        def run():
-            events = build()
-            for e in [events] if not isinstance(events, list) else events:
-                self.writer._get_file_writer().add_event(e)
-
-        self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
-        self._futures.append(self._pool.submit(run))
+    def write(self, event) -> None:
+        self.writer._get_file_writer().add_event(event)
 
     def flush(self) -> None:
-        if self._submit is None:
-            futures, self._futures = self._futures, []
-            for f in futures:
-                f.result()  # re-raises an error of the builder
         self.writer.flush()
 
 
