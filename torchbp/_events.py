@@ -4,8 +4,8 @@
 with TensorBoard's pure-Python CRC-32C (about 0.15 µs per byte, holding the GIL) and flushes to disk
 every two minutes. The monitor wants each logged step on disk before training goes on, at a cost
 small against a training step, so its own writer (:class:`SummaryWriter` below, a subclass of
-torch's with the same API) writes and flushes every event in the calling thread, with a CRC-32C
-computed by table lookups in numpy. The files are ordinary event files (TFRecord framing:
+torch's with the same API) writes and flushes every event in the calling thread, with the CRC-32C
+from google-crc32c. The files are ordinary event files (TFRecord framing:
 length, masked CRC of the length, payload, masked CRC of the payload).
 """
 
@@ -15,83 +15,26 @@ import itertools
 import os
 import socket
 import struct
+import tempfile
 import time
 
-import numpy as np
+import google_crc32c
 
-_POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
-_CHUNK = 4096  # bytes per table lookup pass; the tables cost 4 MiB + 512 KiB, built on first use
 _counter = itertools.count()
-_tables: tuple[np.ndarray, np.ndarray] | None = None
-
-
-def _byte_table() -> list[int]:
-    table = []
-    for v in range(256):
-        c = v
-        for _ in range(8):
-            c = (c >> 1) ^ (_POLY if c & 1 else 0)
-        table.append(c)
-    return table
-
-
-_BYTE = _byte_table()
-_BITS = np.arange(32, dtype=np.uint32)
-_REVERSED = np.arange(_CHUNK - 1, -1, -1)
-
-
-def _build_tables() -> tuple[np.ndarray, np.ndarray]:
-    """``at[k, v]``: the CRC state after byte v followed by k zero bytes, from state 0;
-    ``shift[m, j]``: the state after m zero bytes from state ``1 << j`` (the CRC is linear over GF(2))."""
-    byte = np.array(_BYTE, np.uint32)
-
-    def zero_byte(x: np.ndarray) -> np.ndarray:
-        return byte[x & 0xFF] ^ (x >> 8)
-
-    at = np.empty((_CHUNK, 256), np.uint32)
-    shift = np.empty((_CHUNK + 1, 32), np.uint32)
-    at[0] = byte
-    shift[0] = np.uint32(1) << np.arange(32, dtype=np.uint32)
-    for k in range(1, _CHUNK):
-        at[k] = zero_byte(at[k - 1])
-    for m in range(1, _CHUNK + 1):
-        shift[m] = zero_byte(shift[m - 1])
-    return at, shift
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C of ``data``, equal to TensorBoard's ``crc32c``."""
-    global _tables
-    if len(data) < 64:  # the byte-at-a-time loop is faster for short records (the 8-byte headers)
-        state = 0xFFFFFFFF
-        for b in data:
-            state = _BYTE[(state ^ b) & 0xFF] ^ (state >> 8)
-        return state ^ 0xFFFFFFFF
-    if _tables is None:
-        _tables = _build_tables()
-    at, shift = _tables
-    state = 0xFFFFFFFF
-    buf = np.frombuffer(data, np.uint8)
-    for start in range(0, len(buf), _CHUNK):
-        chunk = buf[start : start + _CHUNK]
-        m = len(chunk)
-        carried = shift[m][(np.uint32(state) >> _BITS) & 1 == 1]  # the state moved through m bytes
-        new = at[_REVERSED[_CHUNK - m :], chunk]  # each byte moved through the m - 1 - i bytes after it
-        state = int(np.bitwise_xor.reduce(new)) ^ int(np.bitwise_xor.reduce(carried, initial=np.uint32(0)))
-    return state ^ 0xFFFFFFFF
 
 
 def masked_crc32c(data: bytes) -> int:
-    x = crc32c(data)
-    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    """The masked CRC-32C of ``data`` that TFRecord framing stores, equal to TensorBoard's ``masked_crc32c``;
+    the CRC-32C itself is ``google_crc32c.value(data)``."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def ensure_writable(path: str) -> None:
     """Create the log directory ``path`` if needed and check that a file can be written in it (OSError if not)."""
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".torchbp-write-test")
-    with open(probe, "w"):
-        pass
+    fd, probe = tempfile.mkstemp(prefix=".torchbp-write-test-", dir=path)  # own name: DDP ranks probe at once
+    os.close(fd)
     os.remove(probe)
 
 
