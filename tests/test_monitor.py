@@ -981,7 +981,8 @@ def test_event_record_checksum_equals_tensorboards(length):
 
 
 def test_own_writer_is_a_summary_writer_on_disk_at_once(tmp_path):
-    """With a log directory, monitor.writer is a torch SummaryWriter whose events are on disk when the call returns."""
+    """With a log directory, monitor.writer is a torch SummaryWriter; the monitor's steps are on disk when
+    backward returns, the user's own events when flush() returns (torchbp._events' flush policy)."""
     from torch.utils.tensorboard import SummaryWriter
 
     model = bp_copy(sigmoid_mlp()[0])
@@ -989,6 +990,7 @@ def test_own_writer_is_a_summary_writer_on_disk_at_once(tmp_path):
         assert isinstance(monitor.writer, SummaryWriter)
         model(torch.randn(3, 6)).sum().backward()
         monitor.writer.add_scalar("loss/train", 0.25, 0)
+        monitor.writer.flush()
         ea = read_events(tmp_path)  # read while the writer is still open
         assert scalar_series(ea, "loss/train") == {0: 0.25}
         assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
