@@ -981,17 +981,6 @@ def test_two_monitors_count_back_to_zero():
     assert BF._monitors == before == 0 and monitored(b) == []
 
 
-@pytest.mark.parametrize("length", [0, 1, 8, 63, 64, 507, 4095, 4096, 4097, 10_000])
-def test_event_record_checksum_equals_tensorboards(length):
-    """The monitor's own event writer frames records with TensorBoard's masked CRC-32C."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
-    from torchbp._events import masked_crc32c as ours
-
-    data = bytes(torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(length)).tolist())
-    assert ours(data) == masked_crc32c(data)
-
-
 def test_own_writer_is_a_summary_writer_on_disk_after_flush(tmp_path):
     """With a log directory, monitor.writer is a torch SummaryWriter; monitor.flush() puts every logged step on disk."""
     from torch.utils.tensorboard import SummaryWriter
@@ -1005,24 +994,6 @@ def test_own_writer_is_a_summary_writer_on_disk_after_flush(tmp_path):
         ea = read_events(tmp_path)  # read while the writer is still open
         assert scalar_series(ea, "loss/train") == {0: 0.25}
         assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
-
-
-def test_own_event_file_never_collides_with_a_summary_writers(tmp_path):
-    """A SummaryWriter and the monitor's writer opened together in one directory keep both files' data."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from torchbp._events import summary_writer
-
-    theirs, ours = SummaryWriter(str(tmp_path)), summary_writer(str(tmp_path))
-    for i in range(3):
-        theirs.add_scalar("loss", float(i), i)
-        theirs.flush()
-        ours.add_scalar("delta", float(i), i)
-    theirs.close()
-    ours.close()
-    ea = read_events(tmp_path)
-    assert scalar_series(ea, "loss") == {0: 0.0, 1: 1.0, 2: 2.0}
-    assert scalar_series(ea, "delta") == {0: 0.0, 1: 1.0, 2: 2.0}
 
 
 @pytest.mark.parametrize("scale", [float("inf"), 2e38], ids=["inf", "float32-range"])

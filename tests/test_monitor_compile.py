@@ -50,7 +50,10 @@ def _fresh_dynamo():
 def batches(device, dtype, steps, n=16):
     gen = torch.Generator().manual_seed(3)
     return [
-        (torch.randn(n, 6, generator=gen, dtype=dtype).to(device), torch.randn(n, 4, generator=gen, dtype=dtype).to(device))
+        (
+            torch.randn(n, 6, generator=gen, dtype=dtype).to(device),
+            torch.randn(n, 4, generator=gen, dtype=dtype).to(device),
+        )
         for _ in range(steps)
     ]
 
@@ -77,7 +80,7 @@ def test_compiled_model_statistics_equal_eager_and_torch_every_step(model, dtype
         for step, (x, y) in enumerate(batches(device, dtype, steps)):
             y = y[:, :out_features]
             oracle.reset()
-            for m, opt, call in zip(models, opts, (torch_model, compiled, eager_model)):
+            for opt, call in zip(opts, (torch_model, compiled, eager_model)):
                 opt.zero_grad(set_to_none=True)
                 loss_fn(call(x), y).backward()
             if step == 1:  # compiled from step 1 on (step 0 ran eagerly, reading the data flow)

@@ -18,6 +18,7 @@ import collections
 import math
 import os
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -724,9 +725,11 @@ class DeltaMonitor:
             width = (hi - lo) / HISTOGRAM_BINS
             limits = [lo + width * (i + 1) for i in range(HISTOGRAM_BINS)]
             histograms.append(
-                _histogram_value(f"delta/{layer}", mn, mx, float(counts.sum()), total, squares, limits, counts)
+                _events.histogram_value(f"delta/{layer}", mn, mx, float(counts.sum()), total, squares, limits, counts)
             )
-        return _event(step, _scalar_values(values) + histograms)
+        summary = _events.scalar_summary(values)
+        summary.value.extend(histograms)
+        return _event(step, summary)
 
     def _write_image(self, background: bool) -> None:
         """Draw the δ map of the logged steps so far (matplotlib, in a background thread during training)."""
@@ -744,7 +747,9 @@ class DeltaMonitor:
             except ImportError as e:
                 self._warn_once("matplotlib", f"no δ map image in TensorBoard: {e}")
                 return
-            sink.write(_event(step, [_image_value("delta_map", png, *_png_size(png))]))
+            summary = _events.scalar_summary([])
+            summary.value.append(_events.image_value("delta_map", png, *_png_size(png)))
+            sink.write(_event(step, summary))
 
         if background:
             if self._drawing is None or not self._drawing.is_alive():
@@ -863,35 +868,11 @@ class _Sink:
         self.writer.flush()
 
 
-def _scalar_values(values: list[tuple[str, float]]):
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    return [Summary.Value(tag=tag, simple_value=v) for tag, v in values]
-
-
-def _histogram_value(tag, mn, mx, num, total, squares, limits, counts):
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
-    proto = HistogramProto(
-        min=mn, max=mx, num=num, sum=total, sum_squares=squares, bucket_limit=limits, bucket=counts.tolist()
-    )
-    return Summary.Value(tag=tag, histo=proto)
-
-
-def _image_value(tag: str, png: bytes, height: int, width: int):
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
-    return Summary.Value(tag=tag, image=image)
-
-
-def _event(step: int, values: list):
-    import time
-
+def _event(step: int, summary):
+    """An ``Event`` of ``step`` holding ``summary``, at the current wall time."""
     from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
 
-    return Event(wall_time=time.time(), step=step, summary=Summary(value=values))
+    return Event(wall_time=time.time(), step=step, summary=summary)
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
