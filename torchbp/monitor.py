@@ -53,7 +53,10 @@ HISTOGRAM_BINS = 64
 
 def _norm(t: Tensor, dim: int | None = None) -> Tensor:
     """‖t‖ (over ``dim``, or Frobenius), accumulated in float32 for half-precision t (whose norms overflow
-    at 65504) and in t's dtype otherwise."""
+    at 65504) and in t's dtype otherwise; a whole float32/64 tensor's as the square root of a BLAS dot product."""
+    if dim is None and t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+        v = t.view(-1)
+        return torch.dot(v, v).sqrt()
     dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
     return torch.linalg.vector_norm(t, dim=dim, dtype=dtype)
 
@@ -63,11 +66,14 @@ def _wrapped(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def layer_record(delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None, gen: Tensor) -> Tensor:
+def layer_record(
+    delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None, gen: Tensor, out: Tensor | None = None
+) -> Tensor:
     r"""The fixed-size record of one layer's δ^l and gradients, as a tensor (columns ``DELTA_NORM`` … ``GEN``).
 
     ‖Σ_n δ_n‖ (= ‖∂C/∂b‖, BP3), ‖∂C/∂W‖ (BP4; −1 when not computed), the mean and max over samples n of
-    ‖δ_n‖, ‖δ‖ over the batch, the number of samples, and ``gen`` (the step's generation number).
+    ‖δ_n‖, ‖δ‖ over the batch, the number of samples, and ``gen`` (the step's generation number); written
+    into ``out`` (the layer's row of the monitor's buffer) when given.
     """
     n = delta.shape[0] if delta.dim() > 1 else 1
     per_sample = _norm(delta.reshape(n, -1), dim=1)  # ‖δ_n‖, one pass over δ
@@ -79,10 +85,10 @@ def layer_record(delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | 
         mean = largest = per_sample.new_zeros(())
     weight_norm = _norm(grad_weight) if grad_weight is not None else per_sample.new_full((), -1.0)
     values = [_norm(bias_grad), weight_norm, mean, largest, _norm(per_sample), count, gen]
-    return torch.stack([v.to(gen.dtype) for v in values])
+    return torch.stack([v.to(gen.dtype) for v in values], out=out)
 
 
-def dead_record(a: Tensor, gen: Tensor) -> Tensor:
+def dead_record(a: Tensor, gen: Tensor, out: Tensor | None = None) -> Tensor:
     """[fraction of units whose activation a (the ReLU's output, shape (*, out)) is 0 for every sample, gen].
 
     A unit is dead when σ'(z) = 0 for every sample, i.e. its largest activation is 0 (NaN is not)."""
@@ -91,7 +97,7 @@ def dead_record(a: Tensor, gen: Tensor) -> Tensor:
         dead = (rows.amax(0) == 0).sum(dtype=gen.dtype) / rows.shape[1]
     else:
         dead = gen.new_ones(())
-    return torch.stack([dead, gen])
+    return torch.stack([dead, gen], out=out)
 
 
 class _LayerSlot:
@@ -121,7 +127,7 @@ class _LayerSlot:
         buffer = monitor._buffer
         with torch.no_grad():
             d = delta.detach()
-            buffer[self.row, :DEAD].copy_(layer_record(d, grad_weight, grad_bias, buffer[-1, 0]))
+            layer_record(d, grad_weight, grad_bias, buffer[-1, 0], out=buffer[self.row, :DEAD])
             if monitor._vectors is not None:  # global statistics: Σ_n δ_n itself, for an exact all-ranks sum
                 bias_grad = grad_bias if grad_bias is not None else d.reshape(-1, d.shape[-1]).sum(0)
                 start = monitor._vector_at[self.row]
@@ -138,7 +144,7 @@ class _LayerSlot:
         monitor = self.monitor
         with torch.no_grad():
             a = a.detach()
-            monitor._buffer[self.row, DEAD:].copy_(dead_record(a, monitor._buffer[-1, 0]))
+            dead_record(a, monitor._buffer[-1, 0], out=monitor._buffer[self.row, DEAD:])
             if monitor._vectors is not None:
                 start = monitor._vector_at[self.row] + monitor._out[self.row]
                 rows = a.reshape(-1, a.shape[-1])
