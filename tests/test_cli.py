@@ -243,10 +243,12 @@ def test_file_as_logdir_fails_at_once_named_as_typed(capsys, monkeypatch, tmp_pa
 
 
 def test_file_as_logdir_fails_fast_in_a_fresh_process(tmp_path):
-    """As a user runs it: the error comes before the data set, TensorBoard or matplotlib is imported."""
+    """As a user runs it: the error comes before the data set, TensorBoard or matplotlib is imported (and
+    torchbp, its command and torchbp.picture import without matplotlib)."""
     (tmp_path / "afile").write_text("")
     code = (
         "import sys\n"
+        "import torchbp.picture\n"
         "from torchbp.cli import main\n"
         "try:\n"
         "    main(['demo', '--logdir', 'afile'])\n"
