@@ -46,7 +46,8 @@ __all__ = ["DESCRIPTION", "add_arguments", "run", "main", "new_history", "record
 #: One line for the ``torchbp demo`` subcommand's help.
 DESCRIPTION = (
     "Train a sigmoid and a ReLU MLP on scikit-learn's handwritten digits with the δ monitor on, print each "
-    "layer's δ norms (the sigmoid net's vanishing gradient) and write TensorBoard logs."
+    "layer's δ norms (the sigmoid net's vanishing gradient), write TensorBoard logs and draw the δ map of both nets "
+    "(<logdir>/delta_map.png)."
 )
 
 ACTIVATIONS = ("sigmoid", "relu")
