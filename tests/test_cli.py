@@ -296,5 +296,19 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch, tmp_path, c
     assert err == f"torchbp {command}: interrupted\n", err
 
 
+def test_output_piped_into_a_reader_that_stops_is_no_traceback():
+    """``torchbp check | head -1``: the pipe closes early; exit status 1, nothing on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchbp", "check", "--device", "cpu", "--dtype", "float32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().startswith("torchbp ")
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and err == "", err
+
+
 def test_plurals():
     assert [torchbp.demo.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import re
 import sys
@@ -366,10 +367,9 @@ def run_check(
         scaled = " x max(1, max|torch|) of each tensor" if d != torch.float64 else ""
         print(f"  {str(d).removeprefix('torch.')}: rtol {rtol:g}, atol {atol:g}{scaled}", file=out)
     print(
-        "'tol used' = the row's largest |torchbp - torch| / (atol + rtol*|torch|) over the forward value and every "
-        "gradient: ok when <= 1 (a large 'rel' at a tiny |torch| passes on atol)",
-        file=out,
+        "'tol used' = the row's largest |torchbp - torch| / (atol + rtol*|torch|) over the forward value and", file=out
     )
+    print("every gradient: ok when <= 1 (so a large 'rel' at a tiny |torch| can pass on atol)", file=out)
     print(file=out)
     title = _line([name for name, _, _ in _COLUMNS])
     print(title, file=out)
@@ -555,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"torchbp {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (torchbp check | head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's docs' recipe: no error at exit
+        return 1
 
 
 if __name__ == "__main__":
