@@ -89,8 +89,10 @@ def delta_map_figure(histories: Mapping[str, History], title: str | None = None)
         title: the figure's title. Default: none.
 
     Returns:
-        A :class:`matplotlib.figure.Figure` on an Agg canvas (see :func:`render_png`). The δ map of run
-        ``k`` is ``fig.axes[...]``'s first image; each map Axes has the run name as its title.
+        A :class:`matplotlib.figure.Figure` on an Agg canvas (see :func:`render_png`). Each run's δ map is
+        the one image (an ``AxesImage`` of shape (layers, steps), log10 values, masked where missing) of its
+        left Axes, whose title starts with the run name; ``[im for ax in fig.axes for im in ax.get_images()]``
+        lists them in run order.
     """
     Figure, FigureCanvasAgg = _matplotlib()
     from matplotlib import colormaps
