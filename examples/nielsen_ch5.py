@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         init[depth] = [statistics.median(layer) for layer in zip(*per_seed)]
     print(f"Speed of learning ‖δ^l‖ = ‖∂C/∂b^l‖ of each hidden layer at initialisation, over the first {len(x)} digits")
     print(
-        f"(median over {args.seeds} seed{'s' if args.seeds > 1 else ''}; Nielsen's MNIST values, 784 inputs, for comparison)\n"
+        f"(median over {args.seeds} seed{'' if args.seeds == 1 else 's'}; Nielsen's MNIST values, 784 inputs, for comparison)\n"
     )
     header = ["network", *(f"hidden {i + 1}" for i in range(max(DEPTHS))), "1st/last", "Nielsen (MNIST)", "1st/last"]
     rows = []
@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(header, rows))
 
     # 2. While training (the first seed), with the speeds measured over the 1000 images after each epoch.
+    epochs = f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}"
     print(
-        f"\nWhile training: SGD, mini-batches of {args.batch_size}, η = {args.lr}, {args.epochs} epochs "
+        f"\nWhile training: SGD, mini-batches of {args.batch_size}, η = {args.lr}, {epochs} "
         f"(seed 0); speeds over the {len(x)} images after each epoch"
     )
     shown = sorted({0, 1, 2, args.epochs} | set(range(0, args.epochs + 1, max(1, args.epochs // 5))))

@@ -1,6 +1,10 @@
-"""pytest configuration: a seeded RNG per test, the ``device`` fixture, and a small hypothesis profile."""
+"""pytest configuration: a seeded RNG per test, the ``device`` fixture, a small hypothesis profile, and the
+skip summary (the CUDA variants skipped on a machine without a GPU in one line, other skips with their reason)."""
 
 from __future__ import annotations
+
+import os
+from collections import Counter
 
 import pytest
 import torch
@@ -37,3 +41,35 @@ def device(request) -> str:
     Modules can also ``@pytest.mark.parametrize("device", DEVICES)`` explicitly (``from helpers import DEVICES``).
     """
     return request.param
+
+
+#: The reason ``helpers.DEVICES`` gives its skipped ``cuda`` parameters.
+CUDA_SKIP_REASON = "no CUDA device"
+
+
+def _skip_reason(report: pytest.TestReport) -> tuple[str, int | None, str]:
+    path, lineno, reason = report.longrepr
+    return os.path.relpath(path), lineno, reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line for the CUDA variants skipped on a machine without a GPU; every other skip with its reason.
+
+    With ``-rs`` (or ``-ra``) on the command line pytest lists every skip itself, and this adds nothing.
+    """
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped or "s" in terminalreporter.reportchars:
+        return
+    reasons = [_skip_reason(report) for report in skipped if isinstance(report.longrepr, tuple)]
+    cuda = [path for path, _, reason in reasons if reason == CUDA_SKIP_REASON]
+    others = Counter((path, lineno, reason) for path, lineno, reason in reasons if reason != CUDA_SKIP_REASON)
+    terminalreporter.write_sep("=", "skipped", yellow=True)
+    if cuda:
+        files = len(set(cuda))
+        terminalreporter.write_line(
+            f"SKIPPED [{len(cuda)}] the cuda variants of the tests in {files} file{'s' if files != 1 else ''}: "
+            f"{CUDA_SKIP_REASON} (torch.cuda.is_available() is False)"
+        )
+    for (path, lineno, reason), count in others.items():
+        where = f"{path}:{lineno}" if lineno is not None else path
+        terminalreporter.write_line(f"SKIPPED [{count}] {where}: {reason}")

@@ -1,4 +1,5 @@
-"""``torchbp check``: the table, the exit status, and that an injected gradient mismatch is caught."""
+"""``torchbp check``: the table, the exit status, and that an injected gradient mismatch is caught; the command
+line's messages (``torchbp check`` and ``torchbp demo``): one error format, plain words, exit statuses."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 from helpers import DEVICES
 
+import torchbp.cli
+import torchbp.demo
 import torchbp.functional
 from torchbp.cli import CASES, main
 
@@ -25,6 +28,16 @@ def parse_rows(output: str) -> dict[tuple[str, str, str], list[str]]:
             device, dtype, *rest = line[32:].split()
             rows[name, device, dtype] = rest
     return rows
+
+
+def usage_error(capsys, *argv: str) -> str:
+    """``torchbp <argv>`` as a usage error: exit status 2 and one line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and captured.out == "", captured
+    assert len(captured.err.splitlines()) == 1, captured.err
+    return captured.err.strip()
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str]:
@@ -74,7 +87,18 @@ def test_check_passes(capsys, device):
     for (_, _, dtype), cells in rows.items():
         assert cells[-1] == "ok"
         assert cells[-2] == ("pass" if dtype == "float64" else "-")  # gradcheck: float64 only
+        assert float(cells[-4]) <= 1  # tol used: ok means within the tolerance
     assert out.splitlines()[-1] == f"torchbp check: {len(rows)}/{len(rows)} passed on {device}"
+
+
+def test_header_gives_the_whole_criterion(capsys):
+    """rtol and atol per dtype, and a per-row 'tol used' column that makes each "ok" checkable."""
+    _, out = run_main(capsys, "--device", "cpu")
+    assert "|torchbp - torch| <= atol + rtol*|torch|" in out
+    assert "  float32: rtol 1e-05, atol 1e-05 x max(1, max|torch|) of each tensor" in out
+    assert "  float64: rtol 1e-07, atol 1e-07" in out
+    title = next(line for line in out.splitlines() if line.startswith("function"))
+    assert title.split()[-6:] == ["tol", "used", "worst", "grad", "gradcheck", "result"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,8 +151,10 @@ def test_injected_mismatch_fails(capsys, monkeypatch, device, function_class, ba
             assert cells[-1] == "FAIL", cells
             assert cells[-3] == worst
             assert cells[-2] == ("FAIL" if dtype == "float64" else "-")
+            assert float(cells[-4]) > 1, cells
         else:
             assert cells[-1] == "ok", (function, cells)
+            assert float(cells[-4]) <= 1, cells
     assert f"FAIL {row} on {device} in float32: grad of {worst}: max abs error" in out
     assert out.splitlines()[-1] == f"torchbp check: 2 mismatches ({len(rows) - 2}/{len(rows)} passed) on {device}"
 
@@ -171,13 +197,118 @@ def test_no_command_prints_help(capsys):
     assert "check" in capsys.readouterr().err
 
 
-def test_bad_option_is_a_usage_error(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--epochs", "abc"], "--epochs: expected a positive integer, got 'abc'"),
+        (["demo", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+        (["demo", "--hidden", "30", "-1"], "--hidden: expected a positive integer, got '-1'"),
+        (["demo", "--lr", "nan"], "--lr: expected a positive number, got 'nan'"),
+        (["demo", "--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
+        (["demo", "--device", "gpu0"], "--device: expected a torch device such as cpu, cuda or cuda:1, got 'gpu0'"),
+        (["demo", "--logdir", ""], "--logdir: expected a directory for the TensorBoard logs, got ''"),
+        (["demo", "--epochs"], "--epochs: expected one argument"),
+        (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+        (["check", "--dtype", "float16"], "--dtype: expected one of float32, float64, all, got 'float16'"),
+        (["check", "--seed", "x"], "--seed: expected an integer, got 'x'"),
+        (["nonsense"], "COMMAND: expected one of demo, check, got 'nonsense'"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_usage_errors_say_what_was_expected_and_received(capsys, argv, message):
+    prog = "torchbp" if argv[0] == "nonsense" else f"torchbp {argv[0]}"
+    assert usage_error(capsys, *argv) == f"{prog}: error: {message} (see {prog} --help)"
+
+
+def test_python_m_torchbp_demo_parses_as_torchbp_demo(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["check", "--dtype", "float16"])
+        torchbp.demo.main(["--epochs", "abc"])
     assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("torchbp demo: error: --epochs: expected a positive integer, got 'abc'")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["file", "inside-a-file"])
+def test_file_as_logdir_fails_at_once_named_as_typed(capsys, monkeypatch, tmp_path, nested):
+    """A file given as --logdir is named as the user typed it, before any data is loaded or imported."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(torchbp.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    typed = "afile/runs" if nested else "afile"
+    problem = "'afile' is a file" if nested else "it is a file"
+    err = usage_error(capsys, "demo", "--logdir", typed)
+    assert err.startswith(
+        f"torchbp demo: error: --logdir: cannot write TensorBoard logs to '{typed}' ({problem}, not a directory); "
+    ), err
+    assert str(tmp_path) not in err
+
+
+def test_file_as_logdir_fails_fast_in_a_fresh_process(tmp_path):
+    """As a user runs it: the error comes before the data set, TensorBoard or matplotlib is imported (and
+    torchbp, its command and torchbp.picture import without matplotlib)."""
+    (tmp_path / "afile").write_text("")
+    code = (
+        "import sys\n"
+        "import torchbp.picture\n"
+        "from torchbp.cli import main\n"
+        "try:\n"
+        "    main(['demo', '--logdir', 'afile'])\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, sorted(m for m in ('sklearn', 'tensorboard', 'matplotlib') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "2 []", proc
+    assert proc.stderr.startswith("torchbp demo: error: --logdir: cannot write TensorBoard logs to 'afile'"), (
+        proc.stderr
+    )
+
+
+def test_unwritable_run_directory_is_a_failure_before_training(capsys, tmp_path, monkeypatch):
+    """--logdir is fine, but <logdir>/sigmoid is a file: exit status 1, the path named, nothing trained."""
+    (tmp_path / "sigmoid").write_text("")
+    monkeypatch.setattr(torchbp.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    assert main(["demo", "--logdir", str(tmp_path), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    expected = f"torchbp demo: error: cannot write TensorBoard logs to {str(tmp_path / 'sigmoid')!r} (in --logdir"
+    assert captured.err.startswith(expected), captured.err
+    assert len(captured.err.splitlines()) == 1 and "test accuracy" not in captured.out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_gpu(capsys):
     assert main(["check", "--device", "cuda"]) == 2
-    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("torchbp check: error: --device cuda: torch.cuda.is_available() is False"), err
+    assert usage_error(capsys, "demo", "--device", "cuda").startswith(
+        "torchbp demo: error: --device: expected a device this machine has, got 'cuda': no CUDA device is available"
+    )
+
+
+@pytest.mark.parametrize("command", ["demo", "check"])
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch, tmp_path, command):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torchbp.demo, "train", interrupted)
+    monkeypatch.setattr(torchbp.cli, "run_check", interrupted)
+    argv = ["demo", "--logdir", str(tmp_path), "--no-progress"] if command == "demo" else ["check"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err == f"torchbp {command}: interrupted\n", err
+
+
+def test_output_piped_into_a_reader_that_stops_is_no_traceback():
+    """``torchbp check | head -1``: the pipe closes early; exit status 1, nothing on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchbp", "check", "--device", "cpu", "--dtype", "float32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().startswith("torchbp ")
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+def test_plurals():
+    assert [torchbp.demo.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]

@@ -2,10 +2,13 @@
 
 import importlib.util
 import pathlib
+import warnings
 
 import pytest
 import torch
 from helpers import DEVICES
+
+import torchbp
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -25,3 +28,25 @@ def test_train_mlp_learns_spirals(device, capsys):
     assert worst < 1e-5, out  # torchbp's gradients equal torch.nn's on the first step
     assert accuracy > 0.9, out
     assert torch.isfinite(torch.tensor(accuracy))
+
+
+def test_convert_warns_when_it_converts_nothing():
+    """torchbp.convert, as the examples use it, says so when a model holds nothing it converts."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(2, 2, 3)
+            self.act = torch.nn.Tanh()
+
+    with pytest.warns(UserWarning, match=r"found nothing to convert in Net: it converts torch\.nn\.Linear, ") as record:
+        assert isinstance(torchbp.convert(Net()), Net)
+    (message,) = [str(w.message) for w in record]
+    for name in ("Linear", "Sigmoid", "ReLU", "MSELoss", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss"):
+        assert f"torch.nn.{name}" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: something converted, or torchbp layers already there
+        torchbp.convert(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
+        model = torchbp.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        torchbp.convert(model)
+        torchbp.convert(torchbp.nn.QuadraticCost())

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -287,6 +289,7 @@ _COLUMNS = (
     ("fwd rel", 8, ">"),
     ("grad abs", 8, ">"),
     ("grad rel", 8, ">"),
+    ("tol used", 8, ">"),
     ("worst grad", 10, "<"),
     ("gradcheck", 9, "<"),
     ("result", 6, "<"),
@@ -303,6 +306,8 @@ def _format_row(row: Row) -> str:
         grad_rel = max(e.rel for e in row.grads.values())
     else:
         grad_abs = grad_rel = math.nan
+    errors = [row.forward, *row.grads.values()]
+    used = math.inf if row.error or any(e.problem for e in errors) else max(e.ratio for e in errors)
     gradcheck = "-" if row.gradcheck is None else ("pass" if row.gradcheck else "FAIL")
     if row.error and row.gradcheck is None and row.dtype == "float64":
         gradcheck = "?"
@@ -315,6 +320,7 @@ def _format_row(row: Row) -> str:
             _fmt(row.forward.rel),
             _fmt(grad_abs) if row.grads else "-",
             _fmt(grad_rel) if row.grads else "-",
+            _fmt(used),
             row.worst_grad,
             gradcheck,
             "ok" if row.ok else "FAIL",
@@ -355,15 +361,15 @@ def run_check(
     """Run the battery, print the table, return the exit status (0: all passed, 1: any mismatch)."""
     out = out or sys.stdout
     print(_header(devices, seed), file=out)
+    print("criterion: an element passes when |torchbp - torch| <= atol + rtol*|torch|, with", file=out)
+    for d in dtypes:
+        rtol, atol = TOLERANCES[d]
+        scaled = " x max(1, max|torch|) of each tensor" if d != torch.float64 else ""
+        print(f"  {str(d).removeprefix('torch.')}: rtol {rtol:g}, atol {atol:g}{scaled}", file=out)
     print(
-        "tolerance: |torchbp - torch| <= atol + rtol*|torch|; "
-        + "; ".join(
-            f"{str(d).removeprefix('torch.')} rtol {TOLERANCES[d][0]:g} atol {TOLERANCES[d][1]:g}"
-            + (" x max(1, max|torch|)" if d != torch.float64 else "")
-            for d in dtypes
-        ),
-        file=out,
+        "'tol used' = the row's largest |torchbp - torch| / (atol + rtol*|torch|) over the forward value and", file=out
     )
+    print("every gradient: ok when <= 1 (so a large 'rel' at a tiny |torch| can pass on atol)", file=out)
     print(file=out)
     title = _line([name for name, _, _ in _COLUMNS])
     print(title, file=out)
@@ -407,7 +413,7 @@ def run_check(
 def _check(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
-            "torchbp check: --device cuda, but torch.cuda.is_available() is False on this machine "
+            "torchbp check: error: --device cuda: torch.cuda.is_available() is False on this machine "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu",
             file=sys.stderr,
         )
@@ -430,7 +436,9 @@ def _add_check_parser(subparsers: Any) -> None:
         ),
         epilog=(
             "columns: fwd abs/rel = max absolute/relative error of the forward value; grad abs/rel = the "
-            "largest over the gradients; worst grad = the gradient closest to (or past) its tolerance; "
+            "largest over the gradients; tol used = the largest error as a fraction of the allowed one, "
+            "|torchbp - torch| / (atol + rtol*|torch|), over the forward value and the gradients (ok when <= 1); "
+            "worst grad = the gradient closest to (or past) its tolerance; "
             "gradcheck = torch.autograd.gradcheck of torchbp's backward against finite differences "
             "(float64 rows only, '-' for float32). Tolerances: |torchbp - torch| <= atol + rtol*|torch|, "
             "float64 rtol=atol=1e-7 (torch.testing's defaults), float32 rtol=1e-5, atol=1e-5*max(1, max|torch|). "
@@ -450,7 +458,9 @@ def _add_check_parser(subparsers: Any) -> None:
         default="all",
         help="dtype(s) to check; gradcheck runs in float64 only (default: all)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and upstream gradients (default: 0)")
+    p.add_argument(
+        "--seed", type=_integer, default=0, help="seed of the random inputs and upstream gradients (default: 0)"
+    )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="also print the errors of the forward value and each gradient"
     )
@@ -467,8 +477,9 @@ def _add_demo_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "demo",
-        help="train sigmoid and ReLU MLPs on the digits data and show how δ propagates (TensorBoard logs)",
+        help="train sigmoid and ReLU MLPs on the digits data and show how δ propagates (TensorBoard logs, δ map)",
         description=demo.DESCRIPTION,
+        epilog=demo.EPILOG,
     )
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
@@ -477,11 +488,42 @@ def _add_demo_parser(subparsers: Any) -> None:
 #: One ``_add_<name>_parser(subparsers)`` per subcommand; each sets ``func`` to ``(args) -> exit status``.
 _SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo_parser, _add_check_parser)
 
+#: What argparse's own messages mean by a type's name.
+_TYPE_WORDS = {"int": "an integer", "float": "a number"}
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def plain_message(message: str) -> str:
+    """argparse's message in the house style: ``--epochs: expected a positive integer, got 'abc'``."""
+    message = message.removeprefix("argument ")
+    choice = re.search(r"invalid choice: (.*?) \(choose from (.*)\)$", message)
+    if choice:
+        message = f"{message[: choice.start()]}expected one of {choice[2].replace(chr(39), '')}, got {choice[1]}"
+    value = re.search(r"invalid (\w+) value: (.*)$", message)
+    if value:
+        kind = _TYPE_WORDS.get(value[1], f"a value of type {value[1]}")
+        message = f"{message[: value.start()]}expected {kind}, got {value[2]}"
+    return message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every usage error as one line: ``torchbp <command>: error: <message>``, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {plain_message(message)} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torchbp",
         description="torchbp: backpropagation written by hand (BP1-BP4) as PyTorch autograd Functions.",
+        epilog="Exit status: 0 done, 1 a failure, 2 a usage error, 130 interrupted (Ctrl-C).",
     )
     parser.add_argument(
         "--version", action="version", version=f"torchbp {torchbp.__version__} (torch {torch.__version__})"
@@ -493,13 +535,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torchbp`` console script; returns the exit status."""
+    """Entry point of the ``torchbp`` console script; returns the exit status.
+
+    0: done; 1: a failure (a mismatch, a missing package); 2: a usage error (argparse raises
+    ``SystemExit(2)`` after printing ``torchbp <command>: error: <message>``); 130: interrupted by Ctrl-C,
+    which prints one line, ``torchbp <command>: interrupted``, instead of a traceback.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand that was given them, not by "torchbp"
+        prog = f"torchbp {args.command}" if args.command else "torchbp"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)\n")
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f"torchbp {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (torchbp check | head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's docs' recipe: no error at exit
+        return 1
 
 
 if __name__ == "__main__":

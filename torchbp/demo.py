@@ -11,9 +11,14 @@ At the end it prints each net's test accuracy and a per-layer table of
 - ``delta_norm`` = ‖Σ_n δ_n‖ = ‖∂C/∂b^l‖ (BP3), Nielsen's "speed of learning" of the layer, and
 - ``gain`` = ‖δ^l‖ / ‖δ^{l+1}‖, how much the error shrinks (< 1) or grows (> 1) crossing one layer,
 
-at the first and at the last training step. σ'(z) ≤ 1/4, so in the sigmoid net δ shrinks at every
-layer on its way back and the first hidden layer learns far slower than the last: the vanishing
-gradient. ReLU's σ'(z) is 0 or 1 and, with He initialisation, δ keeps its size.
+at the first and at the last logged training step, and draws the δ map of both nets
+(:mod:`torchbp.picture`: log10 ‖δ^l‖ per layer and logged step) to ``<logdir>/delta_map.png``.
+σ'(z) ≤ 1/4, so in the sigmoid net δ shrinks at every layer on its way back and the first hidden layer
+learns far slower than the last: the vanishing gradient. ReLU's σ'(z) is 0 or 1 and, with He
+initialisation, δ keeps its size.
+
+The layers are named ``hidden1`` … ``hidden<k>``, ``act1`` …, ``output``, so the TensorBoard tags read
+``delta_norm/hidden1``.
 
 Run it as ``torchbp demo`` or ``python -m torchbp.demo``; ``--help`` lists the options.
 """
@@ -26,6 +31,7 @@ import os
 import shlex
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -35,12 +41,13 @@ import torch
 import torchbp
 from torchbp._events import ensure_writable
 
-__all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
+__all__ = ["DESCRIPTION", "add_arguments", "run", "main", "new_history", "record_history"]
 
 #: One line for the ``torchbp demo`` subcommand's help.
 DESCRIPTION = (
     "Train a sigmoid and a ReLU MLP on scikit-learn's handwritten digits with the δ monitor on, print each "
-    "layer's δ norms (the sigmoid net's vanishing gradient) and write TensorBoard logs."
+    "layer's δ norms (the sigmoid net's vanishing gradient), write TensorBoard logs and draw the δ map of both nets "
+    "(<logdir>/delta_map.png)."
 )
 
 ACTIVATIONS = ("sigmoid", "relu")
@@ -51,18 +58,72 @@ ACTIVATIONS = ("sigmoid", "relu")
 # --------------------------------------------------------------------------------------------------
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"expected a device this machine has, got {text!r}: no CUDA device is available "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
+    return text
+
+
+def _logdir(text: str) -> str:
+    """The log directory as typed, if it is a directory that can be created or written to (checked
+    before anything is loaded; nothing is created here)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory for the TensorBoard logs, got ''")
+    existing = text
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        parent = os.path.dirname(existing.rstrip("/" + os.sep))
+        if parent == existing:
+            break
+        existing = parent or "."
+    if not os.path.isdir(existing):
+        what = "it is a file" if existing == text else f"{existing!r} is a file"
+        problem = f"{what}, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "no permission to write in it" if existing == text else f"no permission to write in {existing!r}"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"cannot write TensorBoard logs to {text!r} ({problem}); pass a writable directory"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,23 +143,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_integer,
         default=0,
         help="seed of the train/test split, the initial weights and the batch order (default: 0)",
     )
     parser.add_argument(
-        "--device", default="cpu", help="torch device to train on: cpu, cuda, cuda:1, ... (default: cpu)"
+        "--device",
+        type=_device,
+        default="cpu",
+        help="torch device to train on: cpu, cuda, cuda:1, ... (default: cpu)",
     )
     parser.add_argument(
         "--logdir",
+        type=_logdir,
         default=os.path.join("runs", "demo"),
-        help="TensorBoard log directory; each net logs to <logdir>/sigmoid and <logdir>/relu (default: runs/demo)",
+        help="TensorBoard log directory; each net logs to <logdir>/sigmoid and <logdir>/relu, and the δ map "
+        "picture goes to <logdir>/delta_map.png (default: runs/demo)",
     )
     parser.add_argument(
         "--every",
         type=_positive_int,
         default=10,
-        help="log the δ statistics and the loss every this many steps (default: 10)",
+        help="log the δ statistics and the loss every this many steps; the δ map and the table's end step are "
+        "logged steps (default: 10; on a CPU, logging every step costs about 12-14%% of a training step, "
+        "every 10th about 5%%)",
     )
     parser.add_argument(
         "--no-progress",
@@ -107,11 +175,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Shown after the options in ``--help``.
+EPILOG = (
+    "Exit status: 0 done, 1 a failure (a package missing, logs not writable), 2 a usage error, "
+    "130 interrupted (Ctrl-C)."
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m torchbp.demo [options]``: parse ``argv`` and :func:`run` the demo."""
-    parser = argparse.ArgumentParser(prog="torchbp demo", description=DESCRIPTION)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m torchbp.demo [options]``: the same as ``torchbp demo [options]``."""
+    from .cli import main as cli_main  # one parser, one error format for both ways of running the demo
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,20 +222,24 @@ def load_digits(seed: int, test_fraction: float = 0.2) -> tuple[torch.Tensor, to
 def build_mlp(sizes: Sequence[int], activation: str, seed: int) -> torch.nn.Sequential:
     """Linear layers of ``sizes`` with ``activation`` between them (none after the last: logits).
 
-    Weights are He-normal, N(0, 2/n_in), biases zero, drawn from a generator seeded by ``seed``:
-    the sigmoid and ReLU nets start from the same weights.
+    The layers are named ``hidden1``, ``act1``, ``hidden2``, ..., ``output`` (TensorBoard tags such as
+    ``delta_norm/hidden1``). Weights are He-normal, N(0, 2/n_in), biases zero, drawn from a generator
+    seeded by ``seed``: the sigmoid and ReLU nets start from the same weights.
     """
     generator = torch.Generator().manual_seed(seed)
-    layers: list[torch.nn.Module] = []
+    layers: OrderedDict[str, torch.nn.Module] = OrderedDict()
+    n_hidden = len(sizes) - 2
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = torchbp.nn.Linear(n_in, n_out)
         with torch.no_grad():
             torch.nn.init.kaiming_normal_(linear.weight, nonlinearity="relu", generator=generator)
             linear.bias.zero_()
-        layers.append(linear)
-        if i < len(sizes) - 2:
-            layers.append(torchbp.nn.Sigmoid() if activation == "sigmoid" else torchbp.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+        if i < n_hidden:
+            layers[f"hidden{i + 1}"] = linear
+            layers[f"act{i + 1}"] = torchbp.nn.Sigmoid() if activation == "sigmoid" else torchbp.nn.ReLU()
+        else:
+            layers["output"] = linear
+    return torch.nn.Sequential(layers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,11 +309,33 @@ class Progress:
 # --------------------------------------------------------------------------------------------------
 
 
+def new_history(model: torch.nn.Module) -> dict[str, Any]:
+    """An empty δ history of ``model``'s torchbp Linear layers, network order (input side first), in
+    :mod:`torchbp.picture`'s format."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, torchbp.nn.Linear)]
+    return {"steps": [], "layers": layers, "delta_norm": [[] for _ in layers]}
+
+
+def record_history(history: dict[str, Any], monitor: torchbp.DeltaMonitor) -> None:
+    """Append the monitor's last step (``monitor.latest()``) to ``history``; NaN for a layer it lacks.
+
+    The one place the demo collects its history: ``DeltaMonitor.history()``, which returns this same
+    format, will replace it.
+    """
+    latest = monitor.latest()
+    history["steps"].append(monitor.step)
+    for layer, row in zip(history["layers"], history["delta_norm"]):
+        stats = latest.get(layer)
+        row.append(math.nan if stats is None else stats["delta_norm"])
+
+
 @dataclass
 class Result:
     activation: str
     start: dict[str, dict[str, Any]] = field(default_factory=dict)  # monitor.latest() after step 0
-    end: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... after the last step
+    end: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... after the last logged step
+    end_step: int = 0
+    history: dict[str, Any] = field(default_factory=dict)  # delta_norm per layer at the logged steps
     steps: int = 0
     loss: float = math.nan
     accuracy: float = math.nan
@@ -247,7 +348,11 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 
 
 def train(activation: str, data, args: argparse.Namespace, device: torch.device) -> Result:
-    """Train one net with a :class:`torchbp.DeltaMonitor` logging to ``<logdir>/<activation>``."""
+    """Train one net with a :class:`torchbp.DeltaMonitor` logging to ``<logdir>/<activation>``.
+
+    On each logged step (every ``args.every``-th, from step 0) it records the δ history and keeps the
+    statistics, so the table's "end" is the last step TensorBoard holds.
+    """
     x_train, y_train, x_test, y_test = data
     sizes = [x_train.shape[1], *args.hidden, 10]
     model = build_mlp(sizes, activation, args.seed).to(device)
@@ -255,33 +360,36 @@ def train(activation: str, data, args: argparse.Namespace, device: torch.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     n = len(x_train)
     steps_per_epoch = math.ceil(n / args.batch_size)
-    result = Result(activation)
+    result = Result(activation, history=new_history(model))
     progress = Progress(args.epochs * steps_per_epoch, f"{activation:>7}", enabled=not args.no_progress)
     shuffle = torch.Generator().manual_seed(args.seed)  # the same batch order for both nets
     started = time.perf_counter()
-    with torchbp.DeltaMonitor(model, log=os.path.join(args.logdir, activation), every=args.every) as monitor:
-        writer = monitor.writer
-        step = 0
-        for epoch in range(args.epochs):
-            order = torch.randperm(n, generator=shuffle).to(device)
-            for i in range(0, n, args.batch_size):
-                batch = order[i : i + args.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x_train[batch]), y_train[batch])
-                loss.backward()  # every torchbp.nn.Linear hands its δ to the monitor here
-                optimizer.step()
-                if step == 0:
-                    result.start = monitor.latest()
-                if step % args.every == 0:
-                    writer.add_scalar("loss/train", loss.item(), step)
-                step += 1
-                if progress.due(step):
-                    progress.update(step, f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}")
-            writer.add_scalar("accuracy/test", _accuracy(model, x_test, y_test), step - 1)
-        result.end = monitor.latest()
-        result.steps = step
-        result.loss = loss.item()
-    progress.close()
+    try:
+        with torchbp.DeltaMonitor(model, log=os.path.join(args.logdir, activation), every=args.every) as monitor:
+            writer = monitor.writer
+            step = 0
+            for epoch in range(args.epochs):
+                order = torch.randperm(n, generator=shuffle).to(device)
+                for i in range(0, n, args.batch_size):
+                    batch = order[i : i + args.batch_size]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(x_train[batch]), y_train[batch])
+                    loss.backward()  # every torchbp.nn.Linear hands its δ to the monitor here
+                    optimizer.step()
+                    if monitor.step % args.every == 0:  # a step the monitor logged
+                        writer.add_scalar("loss/train", loss.item(), monitor.step)
+                        record_history(result.history, monitor)
+                        result.end, result.end_step = monitor.latest(), monitor.step
+                        if monitor.step == 0:
+                            result.start = result.end
+                    step += 1
+                    if progress.due(step):
+                        progress.update(step, f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}")
+                writer.add_scalar("accuracy/test", _accuracy(model, x_test, y_test), step - 1)
+            result.steps = step
+            result.loss = loss.item()
+    finally:
+        progress.close()
     result.accuracy = _accuracy(model, x_test, y_test)
     result.seconds = time.perf_counter() - started
     return result
@@ -297,16 +405,17 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def delta_table(results: Sequence[Result], sizes: Sequence[int]) -> str:
-    """The per-layer table: delta_norm and gain at the first and last step, the nets side by side."""
-    names = list(results[0].start)[::-1]  # backward order (output first) -> input first
-    roles = [f"hidden {i + 1}" for i in range(len(names) - 1)] + ["output"]
+    """The per-layer table: delta_norm and gain at the first and the last logged step, the nets side by side."""
+    names = results[0].history["layers"]  # network order, input side first
+    width = max(7, *(len(name) for name in names)) + 2
     cell = 20  # "delta_norm   gain   " under each (net, time)
-    head1 = " " * 27 + "".join(f"{r.activation:<{2 * cell}}" for r in results)
-    head2 = " " * 27 + "".join(f"{'start (step 0)':<{cell}}{f'end (step {r.steps - 1})':<{cell}}" for r in results)
-    head3 = f"{'layer':<6}{'':<11}{'shape':<10}" + "delta_norm   gain   " * 2 * len(results)
+    lead = width + 10
+    head1 = " " * lead + "".join(f"{r.activation:<{2 * cell}}" for r in results)
+    head2 = " " * lead + "".join(f"{'start (step 0)':<{cell}}{f'end (step {r.end_step})':<{cell}}" for r in results)
+    head3 = f"{'layer':<{width}}{'shape':<10}" + "delta_norm   gain   " * 2 * len(results)
     lines = [head1.rstrip(), head2.rstrip(), head3.rstrip()]
-    for k, (name, role) in enumerate(zip(names, roles)):
-        row = f"{name:<6}{role:<11}{f'{sizes[k]}→{sizes[k + 1]}':<10}"
+    for k, name in enumerate(names):
+        row = f"{name:<{width}}{f'{sizes[k]}→{sizes[k + 1]}':<10}"
         for r in results:
             for stats in (r.start[name], r.end[name]):
                 row += f"{_num(stats['delta_norm'], '.2e'):>10} {_num(stats['delta_gain'], '6.2f'):>6}   "
@@ -316,21 +425,39 @@ def delta_table(results: Sequence[Result], sizes: Sequence[int]) -> str:
 
 def vanishing_summary(result: Result) -> str:
     """One line: the first hidden layer's delta_norm over the last hidden layer's, at the start."""
-    names = list(result.start)[::-1]
+    names = result.history["layers"]
     if len(names) < 3:
         return f"{result.activation:>7}: one hidden layer, no earlier layer to compare"
     first, last = result.start[names[0]]["delta_norm"], result.start[names[-2]]["delta_norm"]
     ratio = first / last if last else math.nan
     if ratio < 0.5:
-        verdict = f"δ shrinks on its way back, hidden layer 1 learns {1 / ratio:.0f}× slower: vanishing gradient"
+        verdict = f"δ shrinks on its way back, {names[0]} learns {1 / ratio:.0f}× slower: vanishing gradient"
     elif ratio > 2:
-        verdict = f"δ grows on its way back, hidden layer 1 learns {ratio:.0f}× faster: exploding gradient"
+        verdict = f"δ grows on its way back, {names[0]} learns {ratio:.0f}× faster: exploding gradient"
     else:
         verdict = "δ keeps its size on its way back: no vanishing gradient"
     return (
-        f"{result.activation:>7}: delta_norm of hidden layer 1 / hidden layer {len(names) - 1} at the start = "
+        f"{result.activation:>7}: delta_norm of {names[0]} / {names[-2]} at the start = "
         f"{first:.2e} / {last:.2e} = {ratio:.3f}: {verdict}"
     )
+
+
+def save_picture(results: Sequence[Result], sizes: Sequence[int], args: argparse.Namespace) -> str | None:
+    """The δ map of the nets side by side, to ``<logdir>/delta_map.png``; ``None`` without matplotlib."""
+    try:
+        from .picture import save_delta_map
+
+        return save_delta_map(
+            {r.activation: r.history for r in results},
+            os.path.join(args.logdir, "delta_map.png"),
+            title=f"torchbp demo: MLP {'→'.join(map(str, sizes))} on the digits, "
+            f"‖δ^l‖ at the logged steps (every {plural(args.every, 'step').removeprefix('1 ')})",
+        )
+    except ImportError as e:
+        print(f"torchbp demo: note: no δ map picture: {e}", file=sys.stderr)
+        return None
+    except OSError as e:
+        raise DemoError(f"cannot write the δ map picture to {e.filename!r} ({e.strerror})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -338,30 +465,24 @@ def run(args: argparse.Namespace) -> int:
     for stream in (sys.stdout, sys.stderr):
         _tolerate_unencodable(stream)
     out = sys.stdout
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        print(f"torchbp demo: error: --device {args.device!r} is not a torch device; try cpu or cuda", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("torchbp demo: error: --device cuda, but no CUDA device is available; use --device cpu", file=sys.stderr)
-        return 2
+    device = torch.device(args.device)  # checked when parsed
     threads = torch.get_num_threads()
     try:
+        for activation in ACTIVATIONS:  # before the data: a bad --logdir fails at once
+            _check_logdir(args.logdir, activation)
         data = tuple(t.to(device) for t in load_digits(args.seed))
         sizes = [data[0].shape[1], *args.hidden, 10]
-        for activation in ACTIVATIONS:
-            _check_logdir(os.path.join(args.logdir, activation))
         if device.type == "cpu" and max(sizes) <= 128:
             torch.set_num_threads(1)  # layers this narrow run faster on one thread than on several
         print(
             f"torchbp demo: digits {len(data[0])} train / {len(data[2])} test images, MLP "
             f"{'→'.join(map(str, sizes))}, sigmoid vs ReLU, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, "
-            f"{args.epochs} epochs, on {device}",
+            f"{plural(args.epochs, 'epoch')}, δ logged every {plural(args.every, 'step')}, on {device}",
             file=out,
             flush=True,
         )
         results = [train(activation, data, args, device) for activation in ACTIVATIONS]
+        picture = save_picture(results, sizes, args)
     except DemoError as e:
         print(f"torchbp demo: error: {e}", file=sys.stderr)
         return 1
@@ -372,18 +493,21 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print(
             f"{r.activation:>7}: test accuracy {100 * r.accuracy:.1f}%  (final batch loss {r.loss:.3g}, "
-            f"{r.steps} steps in {r.seconds:.1f}s)",
+            f"{plural(r.steps, 'step')} in {r.seconds:.1f}s)",
             file=out,
         )
     print(file=out)
     print("δ per layer: delta_norm = ‖Σ_n δ_n‖ = ‖∂C/∂b‖ (BP3), the layer's speed of learning;", file=out)
-    print("             gain = ‖δ^l‖ / ‖δ^(l+1)‖, < 1: the error shrinks on its way back to the input", file=out)
+    print("             gain = ‖δ^l‖ / ‖δ^(l+1)‖, < 1: the error shrinks on its way back to the input;", file=out)
+    print("             at the first and the last logged step (the values TensorBoard holds)", file=out)
     print(file=out)
     print(delta_table(results, sizes), file=out)
     print(file=out)
     for r in results:
         print(vanishing_summary(r), file=out)
     print(file=out)
+    if picture is not None:
+        print(f"δ map (log10 ‖δ^l‖ per layer and logged step, both nets): {picture}", file=out)
     print(f"TensorBoard logs (delta_norm/<layer>, delta_gain/<layer>, loss, accuracy): {args.logdir}", file=out)
     print(f"  tensorboard --logdir {shlex.quote(os.fspath(args.logdir))}", file=out, flush=True)
     return 0
@@ -399,12 +523,14 @@ def _tolerate_unencodable(stream: TextIO) -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def _check_logdir(path: str) -> None:
-    """Fail before training when the log directory is not writable; note earlier runs in it."""
+def _check_logdir(logdir: str, run: str) -> None:
+    """Create ``<logdir>/<run>`` and fail before training when it is not writable; note earlier runs in it."""
+    path = os.path.join(logdir, run)
     try:
         ensure_writable(path)
     except OSError as e:
-        raise DemoError(f"cannot write TensorBoard logs to {path!r} ({e.strerror}); pass a writable --logdir") from None
+        where = repr(logdir) if e.filename in (None, logdir) else f"{path!r} (in --logdir {logdir!r})"
+        raise DemoError(f"cannot write TensorBoard logs to {where} ({e.strerror}); pass a writable --logdir") from None
     if any(name.startswith("events.out.tfevents") for name in os.listdir(path)):
         print(
             f"torchbp demo: note: {path} already holds event files from an earlier run; TensorBoard will show "

@@ -162,6 +162,10 @@ def convert(module: nn.Module) -> nn.Module:
     Returns:
         ``module``, converted.
 
+    Warns:
+        UserWarning: when ``module`` holds none of these classes and no torchbp layer either (nothing
+            was converted, and nothing of torchbp's will run).
+
     Example::
 
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
@@ -175,9 +179,23 @@ def convert(module: nn.Module) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert(): expected a torch.nn.Module, got {type(module).__name__}")
+    converted = already = False
     for m in module.modules():
         new_class = _REPLACEMENTS.get(type(m))
         if new_class is not None:
             # The torchbp class adds only a forward to torch's, so the object stays valid as it is.
             m.__class__ = new_class
+            converted = True
+        elif type(m) in _REPLACEMENTS.values() or type(m) is QuadraticCost:
+            already = True
+    if not converted and not already:
+        import warnings
+
+        looked_for = ", ".join(f"torch.nn.{cls.__name__}" for cls in _REPLACEMENTS)
+        warnings.warn(
+            f"torchbp.convert(): found nothing to convert in {type(module).__name__}: it converts {looked_for} "
+            "(those exact classes, not subclasses); the model is returned unchanged and runs torch's backward",
+            UserWarning,
+            stacklevel=2,
+        )
     return module
