@@ -728,6 +728,7 @@ class DeltaMonitor:
         histograms = []
         for layer, h in hists.items():
             (mn, mx, total, squares, lo, hi), counts = h[:6].tolist(), h[6:]
+            mn, mx = (mn if math.isfinite(mn) else lo), (mx if math.isfinite(mx) else hi)  # ±Inf: the bins' range
             width = (hi - lo) / HISTOGRAM_BINS
             limits = [lo + width * (i + 1) for i in range(HISTOGRAM_BINS)]
             histograms.append(
