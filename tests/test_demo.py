@@ -184,7 +184,7 @@ def test_demo_draws_the_delta_map(demo_run):
 
 
 def test_demo_history_is_the_logged_steps(tmp_path):
-    """record_history keeps monitor.latest()'s delta_norm per layer, network order, at the steps it is called."""
+    """The δ map's history is the monitor's logged steps: delta_norm per layer, network order."""
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     args = parser.parse_args(["--epochs", "1", "--every", "7", "--logdir", str(tmp_path), "--hidden", "8", "8"])

@@ -1016,3 +1016,76 @@ def test_half_precision_delta_with_large_norm_is_finite():
         stats = monitor.latest()[""]
     assert stats["delta_nonfinite"] is False
     assert math.isclose(stats["delta_sample_norm_max"], 2000 * 64, rel_tol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. The δ map: history() and the TensorBoard image
+# --------------------------------------------------------------------------------------------------
+
+
+def test_history_holds_the_logged_steps_delta_norm_in_network_order(tmp_path):
+    torch_model, bp_model, _ = make_models(mixed_mlp, "cpu")
+    oracle = DeltaOracle(torch_model)
+    gen = torch.Generator().manual_seed(2)
+    expected = {}
+    with torchbp.DeltaMonitor(bp_model, log=tmp_path, every=3, histogram_every=0, image_every=0) as monitor:
+        for step in range(7):
+            x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+            y = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+            oracle.reset()
+            loss_fn(torch_model(x), y).backward()
+            loss_fn(bp_model(x), y).backward()
+            if step % 3 == 0:
+                expected[step] = {name: s["delta_norm"] for name, s in oracle.stats(set()).items()}
+        monitor.flush()
+        history = monitor.history()
+    assert history["layers"] == ["0", "2", "4"]  # network order, input side first
+    assert history["steps"] == [0, 3, 6]
+    assert history["delta_norm"].shape == (3, 3)
+    for j, step in enumerate(history["steps"]):
+        for i, layer in enumerate(history["layers"]):
+            assert math.isclose(history["delta_norm"][i, j], expected[step][layer], rel_tol=REL)
+
+
+def test_delta_map_image_in_tensorboard(tmp_path):
+    """Written every image_every steps (in the background) and on close; a decodable PNG."""
+    import io
+
+    from matplotlib import image as matplotlib_image
+
+    model = bp_copy(relu_mlp()[0])
+    with torchbp.DeltaMonitor(model, log=tmp_path, every=1, image_every=4, histogram_every=0) as monitor:
+        for _ in range(9):
+            model(torch.randn(4, 6)).sum().backward()
+        if monitor._drawing is not None:
+            monitor._drawing.join(timeout=60)
+    with torchbp.DeltaMonitor(model, log=tmp_path / "close", every=1, image_every=100) as monitor:
+        for _ in range(3):
+            model(torch.randn(4, 6)).sum().backward()
+    assert [i.step for i in EventAccumulatorWithImages(tmp_path / "close").Images("delta_map")] == [2], "on close"
+    ea = EventAccumulatorWithImages(tmp_path)
+    images = ea.Images("delta_map")
+    assert [i.step for i in images] == [4, 8], "every 4th step (and on close, unless just drawn)"
+    for image in images:
+        pixels = matplotlib_image.imread(io.BytesIO(image.encoded_image_string), format="png")
+        assert pixels.shape[:2] == (image.height, image.width) and image.width > 200
+
+
+def EventAccumulatorWithImages(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    return ea
+
+
+def test_without_matplotlib_no_image_and_one_clear_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    model = bp_copy(sigmoid_mlp()[0])
+    monitor = torchbp.DeltaMonitor(model, log=tmp_path, every=1, image_every=0)
+    model(torch.randn(4, 6)).sum().backward()
+    with pytest.warns(UserWarning, match="no δ map image.*matplotlib"):
+        monitor.close()
+    ea = EventAccumulatorWithImages(tmp_path)
+    assert ea.Tags()["images"] == []
+    assert sorted(scalar_series(ea, "delta_norm/0")) == [0]

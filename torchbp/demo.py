@@ -41,7 +41,7 @@ import torch
 import torchbp
 from torchbp._events import ensure_writable
 
-__all__ = ["DESCRIPTION", "add_arguments", "run", "main", "new_history", "record_history"]
+__all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
 
 #: One line for the ``torchbp demo`` subcommand's help.
 DESCRIPTION = (
@@ -309,26 +309,6 @@ class Progress:
 # --------------------------------------------------------------------------------------------------
 
 
-def new_history(model: torch.nn.Module) -> dict[str, Any]:
-    """An empty δ history of ``model``'s torchbp Linear layers, network order (input side first), in
-    :mod:`torchbp.picture`'s format."""
-    layers = [name for name, m in model.named_modules() if isinstance(m, torchbp.nn.Linear)]
-    return {"steps": [], "layers": layers, "delta_norm": [[] for _ in layers]}
-
-
-def record_history(history: dict[str, Any], monitor: torchbp.DeltaMonitor) -> None:
-    """Append the monitor's last step (``monitor.latest()``) to ``history``; NaN for a layer it lacks.
-
-    The one place the demo collects its history: ``DeltaMonitor.history()``, which returns this same
-    format, will replace it.
-    """
-    latest = monitor.latest()
-    history["steps"].append(monitor.step)
-    for layer, row in zip(history["layers"], history["delta_norm"]):
-        stats = latest.get(layer)
-        row.append(math.nan if stats is None else stats["delta_norm"])
-
-
 @dataclass
 class Result:
     activation: str
@@ -350,8 +330,8 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 def train(activation: str, data, args: argparse.Namespace, device: torch.device) -> Result:
     """Train one net with a :class:`torchbp.DeltaMonitor` logging to ``<logdir>/<activation>``.
 
-    On each logged step (every ``args.every``-th, from step 0) it records the δ history and keeps the
-    statistics, so the table's "end" is the last step TensorBoard holds.
+    On each logged step (every ``args.every``-th, from step 0) it keeps the statistics, so the table's
+    "end" is the last step TensorBoard holds; the δ map is drawn from ``monitor.history()``.
     """
     x_train, y_train, x_test, y_test = data
     sizes = [x_train.shape[1], *args.hidden, 10]
@@ -360,7 +340,7 @@ def train(activation: str, data, args: argparse.Namespace, device: torch.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     n = len(x_train)
     steps_per_epoch = math.ceil(n / args.batch_size)
-    result = Result(activation, history=new_history(model))
+    result = Result(activation)
     progress = Progress(args.epochs * steps_per_epoch, f"{activation:>7}", enabled=not args.no_progress)
     shuffle = torch.Generator().manual_seed(args.seed)  # the same batch order for both nets
     started = time.perf_counter()
@@ -378,7 +358,6 @@ def train(activation: str, data, args: argparse.Namespace, device: torch.device)
                     optimizer.step()
                     if monitor.step % args.every == 0:  # a step the monitor logged
                         writer.add_scalar("loss/train", loss.item(), monitor.step)
-                        record_history(result.history, monitor)
                         result.end, result.end_step = monitor.latest(), monitor.step
                         if monitor.step == 0:
                             result.start = result.end
@@ -388,6 +367,7 @@ def train(activation: str, data, args: argparse.Namespace, device: torch.device)
                 writer.add_scalar("accuracy/test", _accuracy(model, x_test, y_test), step - 1)
             result.steps = step
             result.loss = loss.item()
+        result.history = monitor.history()  # delta_norm of the logged steps, for the δ map
     finally:
         progress.close()
     result.accuracy = _accuracy(model, x_test, y_test)

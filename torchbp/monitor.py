@@ -411,6 +411,7 @@ class DeltaMonitor:
         self._layout_written = False
         self._pending: collections.deque = collections.deque()
         self._drawing: threading.Thread | None = None
+        self._image_step: int | None = None
         self._sink: _Sink | None = None
         self.attach()
         try:
@@ -742,11 +743,16 @@ class DeltaMonitor:
         """Draw the δ map of the logged steps so far (matplotlib, in a background thread during training)."""
         if self._sink is None or not self._history["steps"]:
             return
-        try:
-            from . import picture
-        except ImportError:
-            return
-        step, history, sink = self.step, self.history(), self._sink
+        if self._drawing is not None:
+            if background and self._drawing.is_alive():
+                return  # one drawing at a time
+            self._drawing.join()
+        history = self.history()
+        step, sink = history["steps"][-1], self._sink
+        if step == self._image_step:
+            return  # nothing logged since the last image
+        self._image_step = step
+        from . import picture
 
         def draw():
             try:
@@ -759,12 +765,9 @@ class DeltaMonitor:
             sink.write(_event(step, summary))
 
         if background:
-            if self._drawing is None or not self._drawing.is_alive():
-                self._drawing = threading.Thread(target=draw, name="torchbp-delta-map", daemon=True)
-                self._drawing.start()
+            self._drawing = threading.Thread(target=draw, name="torchbp-delta-map", daemon=True)
+            self._drawing.start()
         else:
-            if self._drawing is not None:
-                self._drawing.join()
             draw()
 
 

@@ -151,7 +151,9 @@ def delta_map_figure(histories: Mapping[str, History], title: str | None = None)
             ax.plot(x, rows, linestyle="none", marker="|", markersize=9, color=MASKED_COLOR)
         for layer, values in zip(layers, logs):
             marker = "." if len(steps) <= 50 else None  # few steps: a point between two gaps still shows
-            lax.plot(steps, np.power(10.0, values), label=layer or "<model>", linewidth=1.2, marker=marker)  # NaN: a gap
+            lax.plot(
+                steps, np.power(10.0, values), label=layer or "<model>", linewidth=1.2, marker=marker
+            )  # NaN: a gap
         lax.grid(True, which="major", alpha=0.3)
         lax.legend(
             fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="input side first", title_fontsize=8
