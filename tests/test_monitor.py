@@ -1089,3 +1089,12 @@ def test_without_matplotlib_no_image_and_one_clear_note(tmp_path, monkeypatch):
     ea = EventAccumulatorWithImages(tmp_path)
     assert ea.Tags()["images"] == []
     assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
+
+
+def test_a_nonfinite_logged_step_warns_naming_the_first_layer(tmp_path):
+    torch_model = poisoned_mlp("relu_active", float("nan")).double()
+    bp_model = bp_copy(torch_model)
+    with torchbp.DeltaMonitor(bp_model, log=tmp_path, every=1) as monitor:
+        with pytest.warns(UserWarning, match=r"not finite at step 0, first in layer 'fc2'"):
+            loss_fn(bp_model(torch.randn(4, 5, dtype=torch.float64)), torch.randn(4, 3, dtype=torch.float64)).backward()
+            monitor.flush()

@@ -609,6 +609,11 @@ class DeltaMonitor:
             stats = self._decode(records, gen, vectors) if scalars else None
             if stats is not None:
                 self._remember(step, stats)
+                bad = [layer for layer, s in stats.items() if s["delta_nonfinite"]]
+                if bad and self.scaler is None:  # (with a GradScaler, an overflowing step is routine: it skips it)
+                    warnings.warn(
+                        f"DeltaMonitor: δ is not finite at step {step}, first in layer {bad[0]!r}", stacklevel=2
+                    )
             if not self._layout_written:  # TensorBoard's custom-scalars page: every layer's delta_norm in one chart
                 self._layout_written = True
                 self.writer.add_custom_scalars(
