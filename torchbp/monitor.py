@@ -586,14 +586,42 @@ class DeltaMonitor:
     def _submit_step(self, gen: int, scalars: bool) -> None:
         """Start the copy of this step's records (and histograms) to the host; write what has arrived."""
         snapshot = self._unscaled(self._buffer, self._scale_at_step)
-        vectors = None
-        if scalars and self._vectors is not None:  # every rank logs the same steps: all take part
-            snapshot, vectors = self._gather(snapshot)
+        step, hists = self.step, self._hists
+        if scalars and self._vectors is not None:  # global statistics: every rank logs the same steps
+            # After DistributedDataParallel's own end-of-backward callback (queued before this one), which
+            # all-reduces the gradients: then gather every rank's records.
+            vectors = self._vectors.clone()
+            queue = torch.autograd.Variable._execution_engine.queue_callback
+            queue(lambda: self._queue_global(step, gen, snapshot, vectors, hists))
+            return
+        if self._sink is not None:
+            self._queue(step, gen, scalars, [snapshot, None, None], hists)
+
+    def _queue_global(self, step: int, gen: int, snapshot: Tensor, vectors: Tensor, hists: dict) -> None:
+        import torch.distributed as dist
+
+        flat = torch.cat([snapshot.flatten(), vectors])
+        gathered = flat.new_empty(self.world_size * flat.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (renamed in torch 2.13)
+        gather(gathered, flat)  # the one collective, on logged steps only
+        gathered = gathered.view(self.world_size, flat.numel())
         if self._sink is None:
             return
-        names = [k for k, v in self._hists.items() if v is not None]
-        copy = _HostCopy([snapshot, vectors, *[self._hists[k] for k in names]])
-        self._pending.append((self.step, gen, scalars, names, copy))
+        rows = snapshot.numel()
+        records = gathered[:, :rows].reshape(self.world_size, *snapshot.shape)
+        # ‖∂C/∂W‖ of the global batch: the norm of the gradient the all-reduce averaged over ranks.
+        weight_norms = [
+            _norm(w.grad) if (w := layer.weight).grad is not None else snapshot.new_full((), -1.0)
+            for layer in self.layers.values()
+        ]
+        weight_norms = torch.stack([n.to(snapshot.dtype) for n in weight_norms])
+        if self._scale_at_step is not None:
+            weight_norms = weight_norms / self._scale_at_step.to(weight_norms.dtype)
+        self._queue(step, gen, True, [records, gathered[:, rows:], weight_norms], hists)
+
+    def _queue(self, step: int, gen: int, scalars: bool, records: list, hists: dict) -> None:
+        names = [k for k, v in hists.items() if v is not None]
+        self._pending.append((step, gen, scalars, names, _HostCopy(records + [hists[k] for k in names])))
         self._write_arrived()
 
     def _write_arrived(self, wait: bool = False) -> None:
@@ -605,8 +633,8 @@ class DeltaMonitor:
         the writer's background thread."""
         while self._pending and (wait or self._pending[0][-1].ready()):
             step, gen, scalars, names, copy = self._pending.popleft()
-            records, vectors, *hists = copy.wait()
-            stats = self._decode(records, gen, vectors) if scalars else None
+            records, vectors, weight_norms, *hists = copy.wait()
+            stats = self._decode(records, gen, vectors, weight_norms) if scalars else None
             if stats is not None:
                 self._remember(step, stats)
                 bad = [layer for layer, s in stats.items() if s["delta_nonfinite"]]
@@ -622,16 +650,6 @@ class DeltaMonitor:
             self._sink.write(self._event(step, stats, dict(zip(names, hists))))
             if scalars and self.image_every and step % self.image_every == 0 and step > 0:
                 self._write_image(background=True)
-
-    def _gather(self, snapshot: Tensor) -> tuple[Tensor, Tensor]:
-        """All ranks' records and vectors (one all-gather of one flat tensor)."""
-        import torch.distributed as dist
-
-        flat = torch.cat([snapshot.flatten(), self._vectors])
-        gathered = flat.new_empty((self.world_size, flat.numel()))
-        dist.all_gather_into_tensor(gathered, flat)
-        rows = snapshot.numel()
-        return gathered[:, :rows].reshape(self.world_size, *snapshot.shape), gathered[:, rows:]
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -691,11 +709,15 @@ class DeltaMonitor:
             self._history["steps"].append(step)
             self._history["delta_norm"].append(row)
 
-    def _decode(self, records: np.ndarray, gen: int, vectors: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    def _decode(
+        self, records: np.ndarray, gen: int, vectors: np.ndarray | None = None, weight_norms: np.ndarray | None = None
+    ) -> dict[str, dict[str, Any]]:
         """The statistics of generation ``gen`` from a host copy of the records (this rank's, shape
-        (layers + 1, COLUMNS), or every rank's, shape (ranks, layers + 1, COLUMNS), with their vectors)."""
+        (layers + 1, COLUMNS), or every rank's, shape (ranks, layers + 1, COLUMNS), with their vectors and
+        the norms of the all-reduced weight gradients)."""
         if records.ndim == 3:
             merged, reached_rows = _merge_ranks(records, vectors, gen, self._vector_at, self._out)
+            merged[:, WEIGHT_NORM] = weight_norms
         else:
             merged, reached_rows = records[:-1], records[:-1, GEN] == gen
         fro = merged[:, FRO]
@@ -788,7 +810,6 @@ def _merge_ranks(records, vectors, gen, vector_at, out):
     merged[:, SAMPLE_MEAN] = (rows[:, :, SAMPLE_MEAN] * rows[:, :, COUNT]).sum(0) / np.maximum(count, 1) / ranks
     merged[:, SAMPLE_MAX] = rows[:, :, SAMPLE_MAX].max(0) / ranks
     merged[:, FRO] = np.sqrt((rows[:, :, FRO] ** 2).sum(0)) / ranks
-    merged[:, WEIGHT_NORM] = np.where((rows[:, :, WEIGHT_NORM] < 0).any(0), -1.0, np.nan)
     merged[:, DEAD_GEN] = np.where((rows[:, :, DEAD_GEN] == gen).all(0), gen, -1)
     for row, (start, width) in enumerate(zip(vector_at, out)):
         bias_sum = vectors[:, start : start + width].sum(0) / ranks
