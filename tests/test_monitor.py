@@ -999,11 +999,9 @@ def test_own_writer_is_a_summary_writer_on_disk_after_flush(tmp_path):
 @pytest.mark.parametrize("scale", [float("inf"), 2e38], ids=["inf", "float32-range"])
 def test_histogram_of_a_delta_wider_than_float32_does_not_break_backward(tmp_path, scale):
     lin = torchbp.nn.Linear(2, 2)
-    with torchbp.DeltaMonitor(lin, log=tmp_path, histogram_every=1) as monitor, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        (lin(torch.randn(3, 2)) * torch.tensor([scale, -scale])).sum().backward()
-        if scale == float("inf"):
-            assert monitor.latest()[""]["delta_nonfinite"] is True
+    with pytest.warns(UserWarning, match="not finite"), torchbp.DeltaMonitor(lin, log=tmp_path, histogram_every=1) as m:
+        (lin(torch.randn(3, 2)) * torch.tensor([scale, -scale])).sum().backward()  # (2e38: ‖δ‖ overflows float32)
+        assert m.latest()[""]["delta_nonfinite"] is True
     (hist,) = read_events(tmp_path).Histograms("delta/")
     assert hist.histogram_value.num == 6
 
@@ -1057,6 +1055,7 @@ def test_delta_map_image_in_tensorboard(tmp_path):
     with torchbp.DeltaMonitor(model, log=tmp_path, every=1, image_every=4, histogram_every=0) as monitor:
         for _ in range(9):
             model(torch.randn(4, 6)).sum().backward()
+            time.sleep(2 * torchbp.monitor.BATCH_S)  # each step's events built by the next backward
         if monitor._drawing is not None:
             monitor._drawing.join(timeout=60)
     with torchbp.DeltaMonitor(model, log=tmp_path / "close", every=1, image_every=100) as monitor:
@@ -1098,3 +1097,16 @@ def test_a_nonfinite_logged_step_warns_naming_the_first_layer(tmp_path):
         with pytest.warns(UserWarning, match=r"not finite at step 0, first in layer 'fc2'"):
             loss_fn(bp_model(torch.randn(4, 5, dtype=torch.float64)), torch.randn(4, 3, dtype=torch.float64)).backward()
             monitor.flush()
+
+
+def test_normal_exit_without_close_writes_every_logged_step(tmp_path):
+    script = (
+        "import sys, torch, torchbp\n"
+        "m = torch.nn.Sequential(torchbp.nn.Linear(3, 4), torchbp.nn.ReLU(), torchbp.nn.Linear(4, 2))\n"
+        "monitor = torchbp.DeltaMonitor(m, log=sys.argv[1], every=1)\n"
+        "for _ in range(5):\n"
+        "    m(torch.randn(2, 3)).sum().backward()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(scalar_series(read_events(tmp_path), "delta_norm/0")) == [0, 1, 2, 3, 4]

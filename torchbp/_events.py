@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import google_crc32c
+import numpy as np
 
 FLUSH_INTERVAL_S = 0.05
 """Under continuous load, the writer thread hands what it has to the OS at least this often (seconds)."""
@@ -55,6 +56,7 @@ _counter = itertools.count()
 _CLOSE = object()  # queue item: write what is left, close the file, end the thread
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
 _live_writers: set[_Writer] = set()  # writers whose thread may still have events to write
 
 
@@ -360,6 +362,11 @@ class EventFile:
         self._writer.put(event.SerializeToString())
         self._writer.raise_error()
 
+    def add_serialized_event(self, data: bytes) -> None:
+        """Queue an ``Event`` already serialized (see :class:`ScalarEvents`) and return at once."""
+        self._writer.put(bytes(data))
+        self._writer.raise_error()
+
     def submit(self, fn: Callable[[], Any]) -> None:
         """Queue ``fn``, a zero-argument callable that the writer thread calls, and return at once.
 
@@ -393,6 +400,53 @@ class EventFile:
         if self._writer.closed:
             self._writer.join()
             self._open()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class ScalarEvents:
+    r"""Serialized ``Event``\ s of one fixed list of scalar tags, their values filled in by numpy.
+
+    The protobuf encoding of ``Event(wall_time, step, summary=Summary(value=[Value(tag, simple_value)...]))``
+    is built once per tag list, with a 4-byte slot for each float32 value; :meth:`event` writes a step's
+    values into the slots in one numpy assignment. Building the same Event from protobuf objects costs
+    ~25 µs per logged step of 21 scalars, this ~5 µs (what a monitor logging every step needs).
+    Serialized summaries (histograms, images) can be appended: repeated fields concatenate.
+    """
+
+    def __init__(self, tags: list[str]) -> None:
+        parts, offsets, at = [], [], 0
+        for tag in tags:
+            name = tag.encode()
+            value = b"\x0a" + _varint(len(name)) + name + b"\x15"  # Value: 1 tag (string), 2 simple_value (float)
+            head = b"\x0a" + _varint(len(value) + 4)  # Summary: 1 value (message)
+            offsets.append(at + len(head) + len(value))
+            parts.append(head + value + bytes(4))
+            at += len(parts[-1])
+        self._summary = np.frombuffer(bytearray(b"".join(parts)), dtype=np.uint8)
+        self._slots = (np.array(offsets, dtype=np.int64)[:, None] + np.arange(4)).ravel()
+
+    def event(self, step: int, wall_time: float, values, extra: bytes = b"") -> bytes:
+        """The serialized Event of ``step`` with ``values`` (one per tag, in order) and serialized ``extra`` values."""
+        return self.events([step], wall_time, np.asarray(values).reshape(1, -1), [extra])[0]
+
+    def events(self, steps: list[int], wall_time: float, values: np.ndarray, extras: list[bytes]) -> list[bytes]:
+        """The serialized Events of several steps at once: ``values`` has one row per step."""
+        summaries = np.tile(self._summary, (len(steps), 1))
+        summaries[:, self._slots] = np.ascontiguousarray(values, dtype="<f4").view(np.uint8).reshape(len(steps), -1)
+        out = []
+        for step, summary, extra in zip(steps, summaries, extras):
+            body = summary.tobytes() + extra
+            # Event: 1 wall_time (double), 2 step (int64), 5 summary (message)
+            out.append(b"\x09" + _F64.pack(wall_time) + b"\x10" + _varint(step) + b"\x2a" + _varint(len(body)) + body)
+        return out
 
 
 def scalar_summary(values: Iterable[tuple[str, float]]):

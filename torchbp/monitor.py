@@ -14,12 +14,15 @@ No module backward hooks are used, and no second backward pass. Without a monito
 
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import math
 import os
 import threading
 import time
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -49,55 +52,58 @@ COLUMNS = 9
 #: Columns that scale with the loss (divided by a GradScaler's scale).
 _NORM_COLUMNS = (DELTA_NORM, WEIGHT_NORM, SAMPLE_MEAN, SAMPLE_MAX, FRO)
 HISTOGRAM_BINS = 64
+#: The training thread builds the events of the logged steps in batches, when the oldest is this old (seconds);
+#: a background thread writes those left when training pauses. With the writer's own 0.05 s, every logged step
+#: is handed to the operating system within about 0.25 s.
+BATCH_S = 0.1
 
 
-def _norm(t: Tensor, dim: int | None = None) -> Tensor:
-    """‖t‖ (over ``dim``, or Frobenius), accumulated in float32 for half-precision t (whose norms overflow
-    at 65504) and in t's dtype otherwise; a whole float32/64 tensor's as the square root of a BLAS dot product."""
-    if dim is None and t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+def _row_norms(t: Tensor) -> Tensor:
+    """‖t_n‖ of each row of a 2-D t, accumulated as :func:`_norm`."""
+    return torch.linalg.vector_norm(t, dim=1, dtype=_ACCUMULATE.get(t.dtype))
+
+
+def _norm(t: Tensor) -> Tensor:
+    """‖t‖ (Frobenius), accumulated in float32 for half-precision t (whose norms overflow at 65504) and in t's
+    dtype otherwise; a contiguous float32/64 tensor's as the square root of a BLAS dot product (faster)."""
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
         v = t.view(-1)
         return torch.dot(v, v).sqrt()
-    dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    return torch.linalg.vector_norm(t, dim=dim, dtype=dtype)
+    return torch.linalg.vector_norm(t, dtype=_ACCUMULATE.get(t.dtype))
 
 
-def _wrapped(t: Tensor) -> bool:
-    """Inside a torch.func transform: not a real backward pass."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+_ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}  # dtype of sums over half-precision δ
 
 
 def layer_record(
-    delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None, gen: Tensor, out: Tensor | None = None
+    delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None, gen: Tensor, out: Tensor, count: bool = False
 ) -> Tensor:
-    r"""The fixed-size record of one layer's δ^l and gradients, as a tensor (columns ``DELTA_NORM`` … ``GEN``).
+    r"""Write one layer's record into ``out`` (its row of the monitor's buffer; columns ``DELTA_NORM`` … ``GEN``).
 
     ‖Σ_n δ_n‖ (= ‖∂C/∂b‖, BP3), ‖∂C/∂W‖ (BP4; −1 when not computed), the mean and max over samples n of
-    ‖δ_n‖, ‖δ‖ over the batch, the number of samples, and ``gen`` (the step's generation number); written
-    into ``out`` (the layer's row of the monitor's buffer) when given.
+    ‖δ_n‖, ‖δ‖ over the batch, the number of samples (with ``count``; else NaN), and ``gen``, the step's
+    generation number (a 0-d tensor).
     """
     n = delta.shape[0] if delta.dim() > 1 else 1
-    per_sample = _norm(delta.reshape(n, -1), dim=1)  # ‖δ_n‖, one pass over δ
-    bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3
-    count = per_sample.new_full((), n)
+    per_sample = _row_norms(delta.reshape(n, -1))  # ‖δ_n‖, one pass over δ
+    bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3: Σ_n δ_n
     if n:
         mean, largest = per_sample.mean(), per_sample.amax()
     else:
         mean = largest = per_sample.new_zeros(())
     weight_norm = _norm(grad_weight) if grad_weight is not None else per_sample.new_full((), -1.0)
-    values = [_norm(bias_grad), weight_norm, mean, largest, _norm(per_sample), count, gen]
-    return torch.stack([v.to(gen.dtype) for v in values], out=out)
+    samples = per_sample.new_full((), n if count else math.nan)
+    values = [_norm(bias_grad), weight_norm, mean, largest, torch.linalg.vector_norm(per_sample), samples, gen]
+    return torch.stack(values, out=out)  # (stack casts to out's dtype)
 
 
-def dead_record(a: Tensor, gen: Tensor, out: Tensor | None = None) -> Tensor:
-    """[fraction of units whose activation a (the ReLU's output, shape (*, out)) is 0 for every sample, gen].
+def dead_record(a: Tensor, gen: Tensor, out: Tensor) -> Tensor:
+    """Write [the number of units of a (the ReLU's output, shape (*, out)) active for some sample, gen] into ``out``.
 
     A unit is dead when σ'(z) = 0 for every sample, i.e. its largest activation is 0 (NaN is not)."""
     rows = a.reshape(-1, a.shape[-1])
-    if rows.shape[0]:
-        dead = (rows.amax(0) == 0).sum(dtype=gen.dtype) / rows.shape[1]
-    else:
-        dead = gen.new_ones(())
-    return torch.stack([dead, gen], out=out)
+    active = torch.count_nonzero(rows.amax(0)) if rows.shape[0] else gen.new_zeros(())
+    return torch.stack([active, gen], out=out)
 
 
 class _LayerSlot:
@@ -118,33 +124,46 @@ class _LayerSlot:
 
     def record(self, delta: Tensor, input: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None):
         """Called by LinearFunction.backward with δ^l = ∂C/∂z^l and the gradients it computed."""
-        if _wrapped(delta):
-            return
         monitor = self.monitor
-        eager = not torch.compiler.is_compiling()
-        if eager:
-            monitor._backward_seen(delta)
-        buffer = monitor._buffer
-        with torch.no_grad():
+        if torch.compiler.is_compiling():  # traced into the compiled backward: the tensor ops only
+            buffer = monitor._buffer
+            layer_record(delta, grad_weight, grad_bias, buffer[-1, 0], buffer[self.row, :DEAD], monitor.global_stats)
+            self._record_vector(delta, grad_bias)
+            return
+        if torch._C._functorch.is_functorch_wrapped_tensor(delta):
+            return  # inside a torch.func transform: not a backward pass
+        monitor._backward_seen(delta)
+        with _no_grad():
             d = delta.detach()
-            layer_record(d, grad_weight, grad_bias, buffer[-1, 0], out=buffer[self.row, :DEAD])
-            if monitor._vectors is not None:  # global statistics: Σ_n δ_n itself, for an exact all-ranks sum
-                bias_grad = grad_bias if grad_bias is not None else d.reshape(-1, d.shape[-1]).sum(0)
-                start = monitor._vector_at[self.row]
-                monitor._vectors[start : start + bias_grad.shape[0]].copy_(bias_grad)
-            if eager and self.needs_input:
+            gen, row, _ = monitor._views[self.row]
+            layer_record(d, grad_weight, grad_bias, gen, row, monitor.global_stats)
+            self._record_vector(d, grad_bias)
+            if self.needs_input:
                 monitor._per_sample[self.name] = _per_sample_grad_norms(d, input.detach(), grad_bias is not None)
-            if eager and monitor._histogram_due():
+            if monitor._histogram_due():
                 monitor._hists[self.name] = _histogram(d)
+
+    def _record_vector(self, delta: Tensor, grad_bias: Tensor | None) -> None:
+        """Global statistics need Σ_n δ_n itself (its norm is not additive over ranks)."""
+        vectors = self.monitor._vectors
+        if vectors is not None:
+            bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)
+            start = self.monitor._vector_at[self.row]
+            vectors[start : start + bias_grad.shape[0]].copy_(bias_grad)
 
     def record_relu(self, a: Tensor) -> None:
         """Called by the backward of the ReLU applied to this layer's output z, with a = relu(z)."""
-        if _wrapped(a):
-            return
         monitor = self.monitor
-        with torch.no_grad():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(a):
+            return
+        with _no_grad():
             a = a.detach()
-            dead_record(a, monitor._buffer[-1, 0], out=monitor._buffer[self.row, DEAD:])
+            if compiling:
+                dead_record(a, monitor._buffer[-1, 0], monitor._buffer[self.row, DEAD:])
+            else:
+                gen, _, row = monitor._views[self.row]
+                dead_record(a, gen, row)
             if monitor._vectors is not None:
                 start = monitor._vector_at[self.row] + monitor._out[self.row]
                 rows = a.reshape(-1, a.shape[-1])
@@ -156,6 +175,7 @@ class _LayerSlot:
         element-wise operations only are its producers; this layer is their consumer (for delta_gain)."""
         for producer in _linear_producers(input.grad_fn, self.monitor):
             self.monitor._consumers.setdefault(producer.row, set()).add(self.row)
+            self.monitor._consumer_cache = None
 
 
 class _ReLUSlot:
@@ -170,6 +190,11 @@ class _ReLUSlot:
 
 def _none() -> None:
     return None
+
+
+def _no_grad():
+    """``torch.no_grad()``, or nothing where grad mode is off already (a plain backward pass): cheaper."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 # Autograd nodes of element-wise operations: the data flow from a Linear to the Linear consuming its output
@@ -237,8 +262,8 @@ def _per_sample_grad_norms(delta: Tensor, a: Tensor, has_bias: bool) -> dict[str
     """
     n = delta.shape[0] if delta.dim() > 1 else 1
     if delta.dim() <= 2:
-        delta_norms = _norm(delta.reshape(n, -1), dim=1)
-        a_norms = _norm(a.reshape(n, -1), dim=1)
+        delta_norms = _row_norms(delta.reshape(n, -1))
+        a_norms = _row_norms(a.reshape(n, -1))
         return {"weight": delta_norms * a_norms, "bias": delta_norms if has_bias else None}
     d3 = delta.reshape(n, -1, delta.shape[-1])
     a3 = a.reshape(n, -1, a.shape[-1]).to(d3.dtype)
@@ -247,8 +272,20 @@ def _per_sample_grad_norms(delta: Tensor, a: Tensor, has_bias: bool) -> dict[str
         sq = ((d3 @ d3.mT) * (a3 @ a3.mT)).sum((1, 2))
     else:
         sq = (d3.mT @ a3).square().sum((1, 2))
-    bias = _norm(d3.sum(1), dim=1) if has_bias else None
+    bias = _row_norms(d3.sum(1)) if has_bias else None
     return {"weight": sq.clamp_min(0).sqrt(), "bias": bias}
+
+
+_logging_monitors: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _write_all_at_exit() -> None:
+    """At normal interpreter exit, write the logged steps every open monitor still holds (before the event
+    files' own exit hook, registered earlier, closes them)."""
+    for monitor in list(_logging_monitors):
+        if monitor._sink is not None:
+            monitor._write_arrived(wait=True)
 
 
 # torch.compile's stance while some monitor waits for its first eager forward pass (see DeltaMonitor).
@@ -309,9 +346,10 @@ class DeltaMonitor:
     ``"force_eager"``), then compiles as usual. δ histograms are recorded in eager backward passes only.
 
     **Logging.** With ``log`` set, the statistics of every ``every``-th step are copied to the host
-    (non-blocking, into pinned memory, on CUDA) and written by a background thread. Flush policy: each
-    logged step is handed to the operating system within about 50 ms (it then survives the process
-    being killed), and all of them by :meth:`close` (or at normal interpreter exit). Histograms of δ
+    (non-blocking, into pinned memory, on CUDA); their events are built in batches and written by a
+    background thread. Flush policy: each logged step is handed to the operating system within about
+    0.25 s (it then survives the process being killed), and all of them by :meth:`flush`, :meth:`close` or
+    normal interpreter exit. Histograms of δ
     per layer (tag ``delta/<layer>``) are written every ``histogram_every`` steps; a picture of δ per
     layer and step (the δ map, tag ``delta_map``) every ``image_every`` steps and on close. Under
     ``torch.distributed``, only rank ``log_rank`` writes (default 0).
@@ -391,12 +429,17 @@ class DeltaMonitor:
         self.step = -1  # index of the current (or last) backward pass
         self._slots = {name: _LayerSlot(self, name, row) for row, name in enumerate(self.layers)}
         self._out = [layer.out_features for layer in self.layers.values()]
+        self._outs = np.array(self._out, dtype=np.float64)
         self._vector_at = np.concatenate([[0], np.cumsum([2 * o for o in self._out])]).tolist()
-        self._buffer, self._vectors = self._new_buffers()
+        self._set_buffers(*self._new_buffers())
         self._gen = 0  # the generation number the current step's records carry (also in _buffer[-1, 0])
         self._last_gen = -1
         self._scale_at_step: Tensor | None = None
         self._consumers: dict[int, set[int]] = {}
+        self._consumer_cache: tuple | None = None
+        self._names = list(self.layers)
+        self._encoders: dict[bytes, _events.ScalarEvents] = {}
+        self._flag_row = (np.arange(len(STATS)) == len(STATS) - 1)[:, None]  # delta_nonfinite: always logged
         self._per_sample: dict[str, dict[str, Tensor | None]] = {}
         self._hists: dict[str, Tensor | None] = {}
         self._task = None
@@ -410,6 +453,10 @@ class DeltaMonitor:
         self.writer, self._owns_writer = None, False
         self._layout_written = False
         self._pending: collections.deque = collections.deque()
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._drawing: threading.Thread | None = None
         self._image_step: int | None = None
         self._sink: _Sink | None = None
@@ -423,6 +470,12 @@ class DeltaMonitor:
         except BaseException:
             self.detach()
             raise
+
+    def _set_buffers(self, buffer: Tensor, vectors: Tensor | None) -> None:
+        """The records' buffer (and the vectors of global statistics), and each layer's views of it."""
+        self._buffer, self._vectors = buffer, vectors
+        gen = buffer[-1, 0]
+        self._views = [(gen, buffer[row, :DEAD], buffer[row, DEAD:]) for row in range(len(self.layers))]
 
     def _new_buffers(self) -> tuple[Tensor, Tensor | None]:
         weights = [layer.weight for layer in self.layers.values()]
@@ -481,10 +534,19 @@ class DeltaMonitor:
         if self._sink is not None:
             self._write_arrived(wait=True)
             self._sink.flush()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"DeltaMonitor: writing the logged steps failed: {error}") from error
 
     def close(self) -> None:
         """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""
         self.detach()
+        self._closing.set()
+        if self._flusher is not None:
+            self._flusher.join()
         if self._sink is not None:
             self._write_arrived(wait=True)
             self._write_image(background=False)
@@ -492,6 +554,7 @@ class DeltaMonitor:
             if self._owns_writer:
                 self.writer.close()
             self._sink = None
+        self._raise_error()
 
     def __enter__(self) -> DeltaMonitor:
         return self.attach()
@@ -503,7 +566,7 @@ class DeltaMonitor:
 
     def _start_discovery(self) -> None:
         self._discovering = True
-        self._consumers = {}
+        self._consumers, self._consumer_cache = {}, None
         self._stance_forced = True
         _force_eager(True)
         self._discovery_hook = self.model.register_forward_hook(self._forward_done)
@@ -524,7 +587,7 @@ class DeltaMonitor:
 
     @torch._dynamo.disable
     def _parameter_hook(self, grad: Tensor) -> None:
-        if not _wrapped(grad):
+        if not torch._C._functorch.is_functorch_wrapped_tensor(grad):
             self._backward_seen(None)
 
     def _backward_seen(self, delta: Tensor | None) -> None:
@@ -545,11 +608,10 @@ class DeltaMonitor:
     def _move_buffers(self, device: torch.device) -> None:
         """The model moved to another device (or to float64) after the monitor was made: follow it."""
         old = self._buffer
-        self._buffer, self._vectors = self._new_buffers()
-        self._buffer = self._buffer.to(device)
-        self._buffer.copy_(old.to(device=device, dtype=self._buffer.dtype))
-        if self._vectors is not None:
-            self._vectors = self._vectors.to(device)
+        buffer, vectors = self._new_buffers()
+        buffer = buffer.to(device)
+        buffer.copy_(old.to(device=device, dtype=buffer.dtype))
+        self._set_buffers(buffer, None if vectors is None else vectors.to(device))
 
     def _histogram_due(self) -> bool:
         return self._sink is not None and self.histogram_every > 0 and self.step % self.histogram_every == 0
@@ -621,35 +683,82 @@ class DeltaMonitor:
 
     def _queue(self, step: int, gen: int, scalars: bool, records: list, hists: dict) -> None:
         names = [k for k, v in hists.items() if v is not None]
-        self._pending.append((step, gen, scalars, names, _HostCopy(records + [hists[k] for k in names])))
-        self._write_arrived()
+        host = _HostCopy(records + [hists[k] for k in names])
+        with self._lock:
+            self._pending.append((step, gen, scalars, names, host, time.monotonic()))
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_stragglers, name="torchbp-monitor", daemon=True)
+            self._flusher.start()
+            _logging_monitors.add(self)
+        if self._oldest_age() >= BATCH_S:
+            self._write_arrived()
+
+    def _oldest_age(self) -> float:
+        with self._lock:
+            return time.monotonic() - self._pending[0][-1] if self._pending else 0.0
 
     def _write_arrived(self, wait: bool = False) -> None:
         """Build and queue the events of the logged steps whose records are on the host (on CPU: at once;
         on CUDA: when their copy has finished, checked without waiting, or waited for with ``wait``).
 
-        This runs in the training thread: a few numpy operations and protobufs per logged step, cheaper
-        than handing them to another thread that would contend for the GIL; the file writes happen in
-        the writer's background thread."""
-        while self._pending and (wait or self._pending[0][-1].ready()):
-            step, gen, scalars, names, copy = self._pending.popleft()
-            records, vectors, weight_norms, *hists = copy.wait()
-            stats = self._decode(records, gen, vectors, weight_norms) if scalars else None
-            if stats is not None:
-                self._remember(step, stats)
-                bad = [layer for layer, s in stats.items() if s["delta_nonfinite"]]
-                if bad and self.scaler is None:  # (with a GradScaler, an overflowing step is routine: it skips it)
-                    warnings.warn(
-                        f"DeltaMonitor: δ is not finite at step {step}, first in layer {bad[0]!r}", stacklevel=2
-                    )
-            if not self._layout_written:  # TensorBoard's custom-scalars page: every layer's delta_norm in one chart
-                self._layout_written = True
-                self.writer.add_custom_scalars(
-                    {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
-                )
-            self._sink.write(self._event(step, stats, dict(zip(names, hists))))
-            if scalars and self.image_every and step % self.image_every == 0 and step > 0:
+        The training thread does this for all steps logged in the last ``BATCH_S`` seconds together (numpy
+        over the stacked records, then one Event per step), which costs far less than doing it per step or
+        handing it to another thread that would contend for the GIL; the file writes happen in the writer's
+        background thread. A step logged before training pauses is picked up by a background thread."""
+        with self._lock:
+            batch = []
+            while self._pending and (wait or self._pending[0][4].ready()):
+                batch.append(self._pending.popleft())
+            if not batch:
+                return
+            arrays = [entry[4].wait() for entry in batch]
+            data: list[bytes | None] = [None] * len(batch)
+            plain = [k for k, (entry, a) in enumerate(zip(batch, arrays)) if entry[2] and a[1] is None]
+            if plain:  # this rank's records: every step of the batch at once
+                steps = [batch[k][0] for k in plain]
+                block = self._table(np.stack([arrays[k][0] for k in plain]), np.array([batch[k][1] for k in plain]))
+                self._scalars_written(steps, block)
+                extras = [self._histograms(dict(zip(batch[k][3], arrays[k][3:]))) for k in plain]
+                for k, event in zip(plain, self._encode(steps, block, extras)):
+                    data[k] = event
+            for k, ((step, gen, scalars, names, _, _), (records, vectors, weight_norms, *hists)) in enumerate(
+                zip(batch, arrays)
+            ):
+                if data[k] is None:  # histograms alone, or every rank's records (global statistics)
+                    table = self._table(records[None], np.array([gen]), vectors, weight_norms) if scalars else None
+                    if table is not None:
+                        self._scalars_written([step], table)
+                    extra = self._histograms(dict(zip(names, hists)))
+                    data[k] = self._encode([step], table, [extra])[0]
+            for event in data:
+                self._sink.write(event)
+            if any(e[2] and self.image_every and e[0] % self.image_every == 0 and e[0] > 0 for e in batch):
                 self._write_image(background=True)
+
+    def _scalars_written(self, steps: list[int], block: _Table) -> None:
+        """Keep the history of ``steps`` (whose statistics are ``block``), and warn of a non-finite δ."""
+        self._remember(steps, block)
+        bad = block.reached & block.nonfinite
+        if bad.any() and self.scaler is None:  # (with a GradScaler, an overflowing step is routine: it skips it)
+            k, j = np.argwhere(bad)[0]
+            warnings.warn(
+                f"DeltaMonitor: δ is not finite at step {steps[k]}, first in layer {self._names[j]!r}", stacklevel=3
+            )
+        if not self._layout_written:  # TensorBoard's custom-scalars page: every layer's delta_norm in one chart
+            self._layout_written = True
+            self.writer.add_custom_scalars(
+                {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
+            )
+
+    def _flush_stragglers(self) -> None:
+        """Background thread: write the steps logged before training paused (within ~2 × BATCH_S)."""
+        while not self._closing.wait(BATCH_S):
+            if self._oldest_age() >= BATCH_S:
+                try:
+                    self._write_arrived()
+                except Exception as e:  # kept for the training thread (flush/close), like the writer's errors
+                    self._error = e
+                    return
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -664,7 +773,8 @@ class DeltaMonitor:
         if self._last_gen < 0:
             return {}
         snapshot = self._unscaled(self._buffer, self._scale_at_step)
-        return self._decode(snapshot.cpu().double().numpy(), self._last_gen)
+        records = snapshot.cpu().double().numpy()[None]
+        return self._table(records, np.array([self._last_gen]))[0].as_dict(self._names)
 
     @property
     def first_nonfinite(self) -> str | None:
@@ -699,72 +809,95 @@ class DeltaMonitor:
         values = np.array(rows, dtype=np.float64).T[::-1] if rows else np.empty((len(layers), 0))
         return {"steps": steps, "layers": layers, "delta_norm": np.ascontiguousarray(values)}
 
-    def _remember(self, step: int, stats: dict[str, dict[str, Any]]) -> None:
-        row = []
-        for name in self.layers:
-            s = stats.get(name)
-            value = s["delta_norm"] if s is not None and not s["delta_nonfinite"] else math.nan
-            row.append(value)
+    def _remember(self, steps: list[int], block: _Table) -> None:
+        rows = np.where(block.reached & ~block.nonfinite, block.values[:, 0], np.nan)
         with self._history_lock:
-            self._history["steps"].append(step)
-            self._history["delta_norm"].append(row)
+            self._history["steps"] += steps
+            self._history["delta_norm"] += list(rows)
 
-    def _decode(
-        self, records: np.ndarray, gen: int, vectors: np.ndarray | None = None, weight_norms: np.ndarray | None = None
-    ) -> dict[str, dict[str, Any]]:
-        """The statistics of generation ``gen`` from a host copy of the records (this rank's, shape
-        (layers + 1, COLUMNS), or every rank's, shape (ranks, layers + 1, COLUMNS), with their vectors and
-        the norms of the all-reduced weight gradients)."""
-        if records.ndim == 3:
-            merged, reached_rows = _merge_ranks(records, vectors, gen, self._vector_at, self._out)
-            merged[:, WEIGHT_NORM] = weight_norms
+    def _table(
+        self,
+        records: np.ndarray,
+        gen: int | np.ndarray,
+        vectors: np.ndarray | None = None,
+        weight_norms: np.ndarray | None = None,
+    ) -> _Table:
+        """The statistics of generation ``gen`` from a host copy of the records, for every layer at once (numpy).
+
+        ``records`` is this rank's buffer, shape (layers + 1, COLUMNS), or several steps' buffers stacked,
+        shape (steps, layers + 1, COLUMNS) with ``gen`` an array of their generations; with ``vectors`` it is
+        every rank's buffer of one step, shape (ranks, layers + 1, COLUMNS), merged with their vectors and the
+        norms of the all-reduced weight gradients."""
+        if vectors is not None:  # (one step: records[0] holds every rank's)
+            merged, reached = _merge_ranks(records[0], vectors, int(gen[0]), self._vector_at, self._out)
+            merged, reached = merged[None], reached[None]
+            merged[0, :, WEIGHT_NORM] = weight_norms
         else:
-            merged, reached_rows = records[:-1], records[:-1, GEN] == gen
-        fro = merged[:, FRO]
-        stats: dict[str, dict[str, Any]] = {}
-        for row, name in enumerate(self.layers):
-            if not reached_rows[row]:
-                continue
-            r = merged[row]
-            consumers = [c for c in self._consumers.get(row, ()) if reached_rows[c]]
-            gain = None
-            if consumers:
-                below = math.sqrt(sum(float(fro[c]) ** 2 for c in consumers))
-                f = float(fro[row])
-                gain = f / below if below else (math.nan if f == 0 or f != f else math.inf)
-            dead = float(r[DEAD]) if r[DEAD_GEN] == gen else None
-            stats[name] = {
-                "delta_norm": float(r[DELTA_NORM]),
-                "delta_sample_norm_mean": float(r[SAMPLE_MEAN]),
-                "delta_sample_norm_max": float(r[SAMPLE_MAX]),
-                "weight_grad_norm": None if r[WEIGHT_NORM] < 0 else float(r[WEIGHT_NORM]),
-                "delta_gain": gain,
-                "dead_fraction": dead,
-                # A NaN or Inf anywhere in δ reaches its norm (as does an overflow, |δ| > 1e19 in float32).
-                "delta_nonfinite": not math.isfinite(float(r[FRO])),
-            }
-        return stats
+            gen = np.asarray(gen, dtype=np.float64)[..., None]
+            merged, reached = records[..., :-1, :].astype(np.float64), records[..., :-1, GEN] == gen
+        fro = merged[..., FRO]
+        consumes = self._consumer_matrix() * reached[..., None, :]  # [l, c]: c (reached) consumes l's output
+        has_gain = consumes.any(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # x/0: inf; 0/0 and NaN: NaN
+            below = np.sqrt((consumes * np.where(reached, fro * fro, 0.0)[..., None, :]).sum(-1))
+            gain = fro / below
+            dead = np.where(self._outs > 0, 1 - merged[..., DEAD] / self._outs, 0.0)  # (the record: active units)
+        has_dead = merged[..., DEAD_GEN] == gen
+        has_weight = merged[..., WEIGHT_NORM] >= 0
+        nonfinite = ~np.isfinite(fro)  # a NaN or Inf anywhere in δ reaches its norm (as does |δ| > 1e19 in float32)
+        columns = [merged[..., DELTA_NORM], merged[..., SAMPLE_MEAN], merged[..., SAMPLE_MAX], merged[..., WEIGHT_NORM]]
+        values = np.stack([*columns, gain, dead, nonfinite.astype(np.float64)], axis=-2)
+        ones = np.ones_like(reached)
+        present = np.stack([ones, ones, ones, has_weight, has_gain, has_dead, ones], axis=-2) & reached[..., None, :]
+        return _Table(values, present, reached, nonfinite)
 
-    def _event(self, step: int, stats: dict | None, hists: dict[str, np.ndarray]):
-        values = []
-        if stats is not None:
-            for layer, s in stats.items():
-                if s["delta_nonfinite"]:  # flagged, not logged as a huge number
-                    values.append((f"delta_nonfinite/{layer}", 1.0))
-                    continue
-                values += [(f"{stat}/{layer}", float(v)) for stat, v in s.items() if v is not None]
-        histograms = []
+    def _consumer_matrix(self) -> np.ndarray:
+        if self._consumer_cache is None:  # (reset when the data flow is read)
+            n = len(self._names)
+            self._consumer_cache = np.zeros((n, n), dtype=bool)
+            for row, consumers in self._consumers.items():
+                self._consumer_cache[row, list(consumers)] = True
+        return self._consumer_cache
+
+    def _histograms(self, hists: dict[str, np.ndarray]) -> bytes:
+        """The serialized Summary values of δ's histograms (empty for none)."""
+        if not hists:
+            return b""
+        summary = _events.scalar_summary([])
         for layer, h in hists.items():
             (mn, mx, total, squares, lo, hi), counts = h[:6].tolist(), h[6:]
             mn, mx = (mn if math.isfinite(mn) else lo), (mx if math.isfinite(mx) else hi)  # ±Inf: the bins' range
             width = (hi - lo) / HISTOGRAM_BINS
             limits = [lo + width * (i + 1) for i in range(HISTOGRAM_BINS)]
-            histograms.append(
+            summary.value.append(
                 _events.histogram_value(f"delta/{layer}", mn, mx, float(counts.sum()), total, squares, limits, counts)
             )
-        summary = _events.scalar_summary(values)
-        summary.value.extend(histograms)
-        return _event(step, summary)
+        return summary.SerializeToString()
+
+    def _encode(self, steps: list[int], block: _Table | None, extras: list[bytes]) -> list[bytes]:
+        """The serialized Events of ``steps``: the scalars of ``block`` (a layer whose δ is not finite: only its
+        flag), and ``extras`` (serialized histograms). Steps logging the same tags are encoded together."""
+        now = time.time()
+        if block is None:
+            return _events.ScalarEvents([]).events(steps, now, np.zeros((len(steps), 0)), extras)
+        logged = block.present & (self._flag_row | ~block.nonfinite[:, None, :])  # (steps, STATS, layers)
+        out: list[bytes] = []
+        start = 0
+        while start < len(steps):
+            key = logged[start].tobytes()
+            end = start + 1
+            while end < len(steps) and logged[end].tobytes() == key:
+                end += 1
+            encoder = self._encoders.get(key)
+            if encoder is None:  # a new set of tags (the first step, or a layer whose δ turned non-finite)
+                mask = logged[start]
+                tags = [f"{stat}/{n}" for j, n in enumerate(self._names) for i, stat in enumerate(STATS) if mask[i, j]]
+                encoder = self._encoders[key] = _events.ScalarEvents(tags)
+            picked = logged[start:end].transpose(0, 2, 1)
+            values = block.values[start:end].transpose(0, 2, 1)[picked].reshape(end - start, -1)
+            out += encoder.events(steps[start:end], now, values, extras[start:end])
+            start = end
+        return out
 
     def _write_image(self, background: bool) -> None:
         """Draw the δ map of the logged steps so far (matplotlib, in a background thread during training)."""
@@ -789,13 +922,36 @@ class DeltaMonitor:
                 return
             summary = _events.scalar_summary([])
             summary.value.append(_events.image_value("delta_map", png, *_png_size(png)))
-            sink.write(_event(step, summary))
+            sink.write(_events.ScalarEvents([]).event(step, time.time(), [], summary.SerializeToString()))
 
         if background:
-            self._drawing = threading.Thread(target=draw, name="torchbp-delta-map", daemon=True)
+            # Not a daemon: at interpreter exit the drawing finishes (and is written) before the writer closes.
+            self._drawing = threading.Thread(target=draw, name="torchbp-delta-map")
             self._drawing.start()
         else:
             draw()
+
+
+class _Table:
+    """One step's statistics for every layer: ``values[s, l]`` of STATS s and layer l (in the monitor's order),
+    ``present[s, l]`` where that value applies, and per layer whether its backward ran and δ was finite."""
+
+    def __init__(self, values: np.ndarray, present: np.ndarray, reached: np.ndarray, nonfinite: np.ndarray) -> None:
+        self.values, self.present, self.reached, self.nonfinite = values, present, reached, nonfinite
+
+    def __getitem__(self, k: int) -> _Table:
+        """Step ``k`` of a table of several steps."""
+        return _Table(self.values[k], self.present[k], self.reached[k], self.nonfinite[k])
+
+    def as_dict(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        values, present = self.values.T.tolist(), self.present.T.tolist()
+        out = {}
+        for j, name in enumerate(names):
+            if self.reached[j]:
+                stats = {stat: (v if ok else None) for stat, v, ok in zip(STATS, values[j], present[j])}
+                stats["delta_nonfinite"] = bool(self.nonfinite[j])
+                out[name] = stats
+        return out
 
 
 def _merge_ranks(records, vectors, gen, vector_at, out):
@@ -815,7 +971,7 @@ def _merge_ranks(records, vectors, gen, vector_at, out):
         bias_sum = vectors[:, start : start + width].sum(0) / ranks
         merged[row, DELTA_NORM] = np.linalg.norm(bias_sum)
         alive = vectors[:, start + width : start + 2 * width].max(0)
-        merged[row, DEAD] = float((alive == 0).sum()) / width if width else 1.0
+        merged[row, DEAD] = float((alive != 0).sum())  # units active for some sample of some rank
     merged[:, GEN] = np.where(reached, gen, -1)
     return merged, reached
 
@@ -891,24 +1047,23 @@ class _HostCopy:
 
 
 class _Sink:
-    """Where the monitor's events go: the file writer of ``writer`` (the monitor's own, or a
+    """Where the monitor's (serialized) events go: the file writer of ``writer`` (the monitor's own, or a
     SummaryWriter of the user's), whose background thread writes them."""
 
     def __init__(self, writer) -> None:
         self.writer = writer
 
-    def write(self, event) -> None:
-        self.writer._get_file_writer().add_event(event)
+    def write(self, data: bytes) -> None:
+        file_writer = self.writer._get_file_writer()
+        if hasattr(file_writer, "add_serialized_event"):
+            file_writer.add_serialized_event(data)
+        else:
+            from tensorboard.compat.proto.event_pb2 import Event
+
+            file_writer.add_event(Event.FromString(data))
 
     def flush(self) -> None:
         self.writer.flush()
-
-
-def _event(step: int, summary):
-    """An ``Event`` of ``step`` holding ``summary``, at the current wall time."""
-    from tensorboard.compat.proto.event_pb2 import Event
-
-    return Event(wall_time=time.time(), step=step, summary=summary)
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
