@@ -25,7 +25,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
