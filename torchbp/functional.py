@@ -273,6 +273,11 @@ def _softmax_minus_one_hot(z: Tensor, index: Tensor, class_dim: int, g: Tensor) 
     return delta.mul_(g)  # BP1: δ^L = a − y
 
 
+# torch clamps a(1 − a) in BCE's backward at its C++ constant ``float EPSILON = 1e-12``: 1e-12 rounded to float32,
+# 1e-12 * (1 − 4.0e-9), also in float64.
+_BCE_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
+
+
 def binary_cross_entropy_backward(
     a: Tensor, y: Tensor, weight: Tensor | None, reduction: str, grad: Tensor, need_input=True, need_target=False
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -286,7 +291,7 @@ def binary_cross_entropy_backward(
         g = g * weight
     grad_a = grad_y = None
     if need_input:
-        grad_a = (a - y) / (a * (1 - a)).clamp_min(1e-12) * g  # BP1: ∇_a C (clamped as torch)
+        grad_a = (a - y) / (a * (1 - a)).clamp_min(_BCE_EPS) * g  # BP1: ∇_a C (clamped as torch)
     if need_target:
         grad_y = -torch.logit(a) * g  # ∂C/∂y = log(1 − a) − log(a), unclamped as torch
     return grad_a, grad_y
