@@ -273,11 +273,6 @@ def _softmax_minus_one_hot(z: Tensor, index: Tensor, class_dim: int, g: Tensor) 
     return delta.mul_(g)  # BP1: δ^L = a − y
 
 
-# torch clamps a(1 − a) in BCE's backward at its C++ constant ``float EPSILON = 1e-12``: 1e-12 rounded to float32,
-# 1e-12 * (1 − 4.0e-9), also in float64.
-_BCE_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
-
-
 def binary_cross_entropy_backward(
     a: Tensor, y: Tensor, weight: Tensor | None, reduction: str, grad: Tensor, need_input=True, need_target=False
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -325,6 +320,11 @@ def binary_cross_entropy_with_logits_backward(
         log_sig = F.logsigmoid(z)
         grad_y = (F.logsigmoid(-z) - (log_sig if pos_weight is None else pos_weight * log_sig)) * g
     return grad_z, grad_y
+
+
+# binary_cross_entropy_backward clamps a(1 − a) where torch's does: at its C++ constant ``float EPSILON = 1e-12``,
+# 1e-12 rounded to float32 (1e-12 · (1 − 4.0e-9)), also in float64.
+_BCE_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
 
 
 # ==================================================================================================
