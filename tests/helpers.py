@@ -23,9 +23,17 @@ DEVICES = [
 DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
 REDUCTIONS = ("mean", "sum", "none")
 
-# Tolerances. float64: assert_close's defaults (rtol=1e-7, atol=1e-7). Lower precisions: a relative
-# tolerance, and an absolute one scaled by the size of the reference (sums of many terms).
-_LOOSE = {
+# Tolerances: |ours - torch| <= atol + rtol * |torch| element-wise, with atol = a * max(1, max|torch|) (the
+# absolute error of a sum of many terms, or of a difference that cancels, grows with the size of its terms,
+# and the largest reference value stands for that size; the inputs here are O(1), hence the floor of 1).
+#
+# float64: rtol 1e-12, a 1e-12. Two float64 computations of the same formula in a different order differ by a
+# few ulps per operation: the sums here have at most a few hundred terms, so |error| <= n * 2^-53 * Σ|terms|
+# stays below 1e-13 * scale, a margin of 10x. A float32 value anywhere on the path (a coefficient, a constant,
+# an intermediate) carries a relative error up to 2^-24 ≈ 6e-8, 10^4 times the tolerance: it fails.
+# Lower precisions: a relative tolerance, and an absolute one scaled the same way.
+_TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
     torch.float32: (1e-4, 1e-5),
     torch.bfloat16: (1.6e-2, 1e-2),
     torch.float16: (1e-3, 1e-3),
@@ -71,12 +79,16 @@ def leaf_copy(x: Any) -> Any:
 
 
 def tolerance(expected: Tensor, rtol: float | None = None, atol: float | None = None) -> dict:
-    """assert_close keyword arguments: defaults for float64, looser (atol scaled) for lower precision."""
+    """assert_close keyword arguments for a comparison with ``expected`` (torch's result), per its dtype.
+
+    ``rtol``/``atol`` given: used as they are. Otherwise ``_TOLERANCES[dtype]``, the atol scaled by
+    ``max(1, max|expected|)`` over the finite elements. Other dtypes (integers, complex): assert_close's defaults.
+    """
     if rtol is not None or atol is not None:
         return {"rtol": rtol, "atol": atol}
-    if expected.dtype not in _LOOSE:
+    if expected.dtype not in _TOLERANCES:
         return {}
-    r, a = _LOOSE[expected.dtype]
+    r, a = _TOLERANCES[expected.dtype]
     finite = expected[torch.isfinite(expected)] if expected.numel() else expected
     scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
     return {"rtol": r, "atol": a * scale}

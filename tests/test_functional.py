@@ -579,3 +579,65 @@ def test_saves_no_more_than_torch(name, ours, ref, needs, device):
     assert ours_bytes <= ref_bytes, f"{name}: saves {ours_bytes} bytes for backward, torch {ref_bytes}"
     if name == "sigmoid":  # keeps σ(z), its output, not z
         assert len(ours_saved) == 1 and ours_saved[0].data_ptr() == out.data_ptr()
+
+
+# --------------------------------------------------------------------------------------------------
+# The float64 tolerance catches a float32 leak
+# --------------------------------------------------------------------------------------------------
+
+
+class _CrossEntropyWithFloat32Smoothing(torch.autograd.Function):
+    """cross_entropy with label smoothing whose δ^L builds q = (1 − ε) y + ε/C in float32: the old leak."""
+
+    @staticmethod
+    def forward(z, target, eps):
+        return torch.nn.functional.cross_entropy(z, target, label_smoothing=eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, target, eps = inputs
+        ctx.save_for_backward(z, target)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, target = ctx.saved_tensors
+        n_classes = z.shape[1]
+        q = torch.nn.functional.one_hot(target, n_classes).float() * (1 - ctx.eps) + ctx.eps / n_classes  # float32
+        return (z.softmax(1) - q.to(z.dtype)) * grad / z.shape[0], None, None
+
+
+class _RoundGradToFloat32(torch.autograd.Function):
+    """The identity, whose backward rounds the gradient to float32 and back."""
+
+    @staticmethod
+    def forward(x):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.float().to(grad.dtype)
+
+
+def test_float64_tolerance_catches_float32_leaks():
+    """A float64 gradient with one float32 step on its path fails assert_matches_torch (1e-12 relative).
+
+    The smoothing coefficients built in float32 put a ~1e-9 relative error into δ^L: inside assert_close's
+    float64 defaults (rtol 1e-7), which is how the leak went unnoticed, but 1000x the float64 tolerance here.
+    """
+    inputs = {"input": torch.randn(6, 5, dtype=torch.float64, requires_grad=True), "target": torch.randint(0, 5, (6,))}
+    leaky = lambda input, target: _CrossEntropyWithFloat32Smoothing.apply(input, target, 0.1)  # noqa: E731
+    ref = partial(torch.nn.functional.cross_entropy, label_smoothing=0.1)
+    assert_matches_torch(leaky, ref, inputs, rtol=1e-7, atol=1e-7)  # the old float64 tolerance lets it pass
+    with pytest.raises(AssertionError, match="grad of input"):
+        assert_matches_torch(leaky, ref, inputs)
+    assert_matches_torch(partial(BF.cross_entropy, label_smoothing=0.1), ref, inputs)  # torchbp's: exact
+
+    rounded = lambda input: torch.sigmoid(_RoundGradToFloat32.apply(input))  # noqa: E731
+    x = {"input": torch.randn(4, 3, dtype=torch.float64, requires_grad=True)}
+    with pytest.raises(AssertionError, match="grad of input"):
+        assert_matches_torch(rounded, torch.sigmoid, x)

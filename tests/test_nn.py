@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from helpers import DEVICES, DTYPES, REDUCTIONS, assert_matches_torch, quadratic_cost_formula
+from helpers import DEVICES, DTYPES, REDUCTIONS, assert_close_labelled, assert_matches_torch, quadratic_cost_formula
 from torch import nn
 from torch.func import functional_call
 
@@ -304,7 +304,7 @@ def test_training_steps_match_torch(device):
             loss(model(x), t).backward()
             opt.step()
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, msg=lambda m, n=n: f"{n} after 10 steps: {m}")
+        assert_close_labelled(p, q, f"{n} after 10 steps")
 
 
 # --------------------------------------------------------------------------------------------------

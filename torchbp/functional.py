@@ -18,9 +18,9 @@ BP3  dC/db^l = delta^l          bias gradient                   ``delta`` summed
 BP4  dC/dw^l_jk = a^{l-1}_k delta^l_j  weight gradient          ``delta.T @ input``
 ==============================  ==============================  ====================================
 
-Each Function follows PyTorch's "forward + setup_context" template, so ``torch.func`` transforms
-(``grad``, ``vmap``, ``jacrev``) and ``torch.compile`` work; every backward is made of differentiable
-torch ops, so double backward works too. Inputs are validated by the lowercase wrappers (same
+Each Function follows PyTorch's "forward + setup_context" template, with a ``jvp`` for forward mode, so ``torch.func``
+transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``) and ``torch.compile`` work; every backward
+is made of differentiable torch ops, so double backward works too. Inputs are validated by the lowercase wrappers (same
 names, arguments, defaults and exception types as ``torch.nn.functional``; the checks live in
 ``torchbp._checks``), never inside backward.
 """
@@ -101,7 +101,7 @@ def linear_backward(
 
 def sigmoid_backward(grad: Tensor, a: Tensor) -> Tensor:
     r"""BP1/BP2's second half for the sigmoid: :math:`∇_a C ⊙ σ'(z)` with :math:`σ'(z) = a (1 − a)`, from the output a."""
-    if torch.is_grad_enabled():  # create_graph: out of place, so the graph stays differentiable
+    if _differentiated():  # out of place, so the graph stays differentiable
         return grad * a * (1 - a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
     return _times_a_one_minus_a(grad, a)
 
@@ -133,9 +133,9 @@ _BITS = {
 
 def _select_by_bits_applies(grad: Tensor, a: Tensor) -> bool:
     return not (
-        torch.is_grad_enabled()
+        # grad mode, a torch.func transform, forward AD: the select must stay differentiable
+        _differentiated()
         or torch.compiler.is_compiling()  # (the compiler fuses the select by itself)
-        or torch._C._are_functorch_transforms_active()
         or a.dtype not in _BITS
         or grad.dtype != a.dtype  # (a saved-tensor hook may change a's dtype)
         or grad.is_neg()
@@ -228,7 +228,7 @@ def cross_entropy_backward(
             keep = index != ignore_index
             index = index.masked_fill(~keep, 0)
         if weight is None and eps == 0 and not maybe_ignored:
-            if not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()):
+            if not _differentiated():
                 return _softmax_minus_one_hot(z, index, class_dim, _scale(grad, reduction, target.numel())), None, None
             y = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index  # one-hot y
             delta = (torch.softmax(z, class_dim) - y.to(z.dtype)) * _scale(grad, reduction, target.numel())
@@ -286,7 +286,7 @@ def binary_cross_entropy_backward(
         g = g * weight
     grad_a = grad_y = None
     if need_input:
-        grad_a = (a - y) / (a * (1 - a)).clamp_min(1e-12) * g  # BP1: ∇_a C (clamped as torch)
+        grad_a = (a - y) / (a * (1 - a)).clamp_min(_BCE_EPS) * g  # BP1: ∇_a C (clamped as torch)
     if need_target:
         grad_y = -torch.logit(a) * g  # ∂C/∂y = log(1 − a) − log(a), unclamped as torch
     return grad_a, grad_y
@@ -323,6 +323,93 @@ def binary_cross_entropy_with_logits_backward(
 
 
 # ==================================================================================================
+# Forward mode: the same equations pushed forward, for each Function's jvp. A layer's tangent is the
+# product rule, dz = da w^T + a dw^T + db; an activation's is σ'(z) ⊙ dz, the very product of BP1/BP2
+# (σ'(z) is diagonal); a cost's is its gradient, as backward computes it, contracted with the tangents:
+# dC = Σ_x ⟨∂C/∂x, dx⟩.
+# ==================================================================================================
+
+
+def linear_jvp(
+    input: Tensor, weight: Tensor, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
+) -> Tensor | None:
+    r"""The forward-mode derivative of :math:`z = a w^T + b`: :math:`dz = da\,w^T + a\,dw^T + db`.
+
+    Each tangent may be ``None`` (no term); ``None`` if all are. ``input`` is needed for dw only, ``weight`` for
+    da only.
+    """
+    dz = None
+    if d_input is not None:
+        dz = d_input @ weight.mT  # da w^T
+    if d_weight is not None:
+        a_dw = input @ d_weight.mT  # a dw^T
+        dz = a_dw if dz is None else dz + a_dw
+    if d_bias is not None:
+        if dz is None:  # z's shape: (*, out), broadcast with the bias's
+            dz = d_bias.expand(torch.broadcast_shapes(input.shape[:-1] + weight.shape[:1], d_bias.shape))
+        else:
+            dz = dz + d_bias  # db
+    return dz  # dz = da w^T + a dw^T + db
+
+
+def _one(output: Tensor) -> Tensor:
+    """The upstream gradient ∂C/∂C = 1, of the loss's shape: given to a cost's backward, it returns ∂C/∂x."""
+    return torch.ones(output.shape, dtype=output.dtype, device=output.device)
+
+
+def _difference_tangent(d_input: Tensor | None, d_target: Tensor | None) -> Tensor | None:
+    """d(a − y) = da − dy (``None`` for a missing tangent): the costs of a − y pair ∇_a C with it, as ∇_y C = −∇_a C."""
+    if d_target is None:
+        return d_input
+    return -d_target if d_input is None else d_input - d_target
+
+
+def _directional_derivative(
+    cost: Tensor, reduction: str, dims: tuple[int, ...], *partials: tuple[Tensor | None, Tensor | None]
+) -> Tensor | None:
+    r"""A cost's forward-mode derivative :math:`dC = Σ_x ⟨∂C/∂x, dx⟩` from ``(∂C/∂x, dx)`` pairs (``None``: no term).
+
+    For a reduced C the sums run over every element. For ``'none'``, ∂C/∂x is what backward gives for an
+    upstream gradient of ones: each element of x feeds one element of C, so ∂C/∂x holds every nonzero
+    partial, and each element of dC sums its own: over ``dims`` (a sample's classes, its features), or
+    element-wise for ``dims = ()``. Where C is NaN, so is dC, as torch's: a NaN has no derivative, and a
+    mean over nothing (no samples, every target ignored) is 0/0 even though no partial is.
+    """
+    dc = None
+    for partial, tangent in partials:
+        if partial is None or tangent is None:
+            continue
+        term = partial * tangent
+        if reduction != "none":
+            term = term.sum()
+        elif dims:
+            term = term.sum(dims)
+        dc = term if dc is None else dc + term  # dC = Σ_x ⟨∂C/∂x, dx⟩
+    if dc is not None:
+        dc = torch.where(cost.isnan(), cost, dc)  # d(NaN) = NaN; d(0/0) = NaN
+    return dc
+
+
+def _differentiated() -> bool:
+    """Whether the equations may themselves be differentiated: grad mode is on (``create_graph``), a torch.func
+    transform is active (``hessian``, ``jacfwd(jacrev(f))``) or a ``torch.autograd.forward_ad.dual_level`` is open.
+
+    Then they must not take their one-buffer fast paths (in-place ops, integer bit views), which neither
+    autograd nor forward-mode AD can differentiate.
+    """
+    return (
+        torch.is_grad_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0  # (the innermost open dual level; -1: none)
+    )
+
+
+# binary_cross_entropy_backward clamps a(1 − a) where torch's does: at its C++ constant ``float EPSILON = 1e-12``,
+# 1e-12 rounded to float32 (1e-12 · (1 − 4.0e-9)), also in float64.
+_BCE_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
+
+
+# ==================================================================================================
 # The per-op autograd Functions: forward computes, setup_context saves, backward calls the equations.
 # ==================================================================================================
 
@@ -334,15 +421,20 @@ def _apply(fn: type[torch.autograd.Function], *args):
 
     That prologue binds the arguments to ``forward``'s signature on every call (for default values;
     every call here passes all arguments) and routes torch.func transforms; skipping it when no
-    transform is active and nothing is being compiled halves the per-call overhead.
+    transform is active and nothing is being compiled halves the per-call overhead. Under
+    ``torch.compile`` it applies ``fn`` without its ``jvp`` (:func:`_without_jvp`).
     """
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return _TRACEABLE.get(id(fn), fn).apply(*args)  # (without its jvp: Dynamo traces no custom jvp)
+    if torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return _base_apply.__get__(None, fn)(*args)
 
 
 class LinearFunction(torch.autograd.Function):
     r"""z^l = a^{l-1} (w^l)^T + b^l; backward is BP2's (w^l)^T δ^l, BP3 and BP4 (:func:`linear_backward`).
+
+    Forward mode: dz = da w^T + a dw^T + db (:func:`linear_jvp`).
 
     ``slot`` is ``None``, or the record of a :class:`torchbp.DeltaMonitor` for this layer: backward
     hands it δ^l and the gradients it has just computed (``slot.record``), which it reduces to the
@@ -365,11 +457,15 @@ class LinearFunction(torch.autograd.Function):
         keep_input = need_weight or (slot is not None and slot.needs_input)
         # Save only what a requested gradient needs: BP2 needs w, BP4 needs a^{l-1}.
         ctx.save_for_backward(input if keep_input else None, weight if need_input else None)
+        ctx.save_for_forward(input, weight)  # (held until jvp has run, during forward only)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
         ctx.slot = slot
         ctx.bias_shape = None if bias is None or bias.shape == weight.shape[:1] else bias.shape
 
     @staticmethod
     def backward(ctx, delta: Tensor):  # delta = δ^l = ∂C/∂z^l
+        if delta is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None, None, None, None
         input, weight = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input, grad_weight, grad_bias = linear_backward(
@@ -379,9 +475,14 @@ class LinearFunction(torch.autograd.Function):
             ctx.slot.record(delta, input, grad_weight, grad_bias)  # the monitor's statistics of δ^l
         return grad_input, grad_weight, grad_bias, None
 
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None, _slot=None):
+        input, weight = ctx.saved_tensors
+        return linear_jvp(input, weight, d_input, d_weight, d_bias)  # dz = da w^T + a dw^T + db
+
 
 class SigmoidFunction(torch.autograd.Function):
-    r"""a = σ(z); backward multiplies by σ'(z) = σ(z)(1 − σ(z)), from the saved output a."""
+    r"""a = σ(z); backward multiplies by σ'(z) = σ(z)(1 − σ(z)), from the saved output a; so does forward mode."""
 
     generate_vmap_rule = True
 
@@ -392,11 +493,20 @@ class SigmoidFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output)  # σ(z): its derivative needs nothing else
+        ctx.save_for_forward(output)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None
         (a,) = ctx.saved_tensors
         return sigmoid_backward(grad, a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        return sigmoid_backward(d_input, a)  # dσ = σ'(z) ⊙ dz: σ'(z) is diagonal, the product of BP2
 
 
 class ReLUFunction(torch.autograd.Function):
@@ -404,6 +514,7 @@ class ReLUFunction(torch.autograd.Function):
 
     ``slot`` is ``None``, or the monitor's record of the Linear whose output z this is: backward
     hands it a, from which it counts the units with σ'(z) = 0 for every sample (dead units).
+    Forward mode: da = 1[z > 0] ⊙ dz; in place (``inplace=True``) it overwrites dz, as the forward overwrites z.
     """
 
     generate_vmap_rule = True
@@ -421,18 +532,33 @@ class ReLUFunction(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(input)
         ctx.save_for_backward(output)  # a > 0 exactly where z > 0; torch's relu saves the same
+        ctx.save_for_forward(output)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        ctx.inplace = inplace
         ctx.dead_slot = slot
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None, None, None
         (a,) = ctx.saved_tensors
         if ctx.dead_slot is not None:
             ctx.dead_slot.record_relu(a)  # the monitor counts the units with σ'(z) = 0 for every sample
         return relu_backward(grad, a), None, None  # BP1/BP2: ∇_a C ⊙ σ'(z)
 
+    @staticmethod
+    def jvp(ctx, d_input: Tensor, _inplace=None, _slot=None) -> Tensor:
+        (a,) = ctx.saved_tensors
+        if ctx.inplace:  # z was overwritten by a: its tangent dz is overwritten by da
+            return d_input.copy_(relu_backward(d_input, a))  # da = σ'(z) ⊙ dz, in place
+        return relu_backward(d_input, a)  # da = σ'(z) ⊙ dz: σ'(z) is diagonal, the product of BP2
+
 
 class MSELossFunction(torch.autograd.Function):
-    r"""C = reduce(w (a − y)^2): ``mean`` divides by the number of elements (by Σw when weighted)."""
+    r"""C = reduce(w (a − y)^2): ``mean`` divides by the number of elements (by Σw when weighted).
+
+    Forward mode: dC = ⟨∇_a C, da − dy⟩ + ⟨∂C/∂w, dw⟩, with backward's gradients.
+    """
 
     generate_vmap_rule = True
 
@@ -447,10 +573,14 @@ class MSELossFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, target, weight, reduction = inputs
         ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight, output)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
         ctx.reduction = reduction
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None, None, None, None
         input, target, weight = ctx.saved_tensors
         grad_a, grad_weight = mse_loss_backward(input, target, weight, ctx.reduction, grad, ctx.needs_input_grad[2])
         return (
@@ -460,9 +590,18 @@ class MSELossFunction(torch.autograd.Function):
             None,
         )
 
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, d_weight: Tensor | None, _reduction=None):
+        input, target, weight, loss = ctx.saved_tensors
+        if ctx.reduction == "none" and d_weight is not None:  # ∂ℓ/∂w per element, not summed where w broadcasts
+            weight = weight.expand(input.shape)
+        grad_a, grad_w = mse_loss_backward(input, target, weight, ctx.reduction, _one(loss), d_weight is not None)
+        d_diff = _difference_tangent(d_input, d_target)
+        return _directional_derivative(loss, ctx.reduction, (), (grad_a, d_diff), (grad_w, d_weight))
+
 
 class QuadraticCostFunction(torch.autograd.Function):
-    r"""Nielsen's quadratic cost C = 1/(2n) Σ_x ‖y(x) − a(x)‖²; ∇_a C = (a − y)/n."""
+    r"""Nielsen's quadratic cost C = 1/(2n) Σ_x ‖y(x) − a(x)‖²; ∇_a C = (a − y)/n; dC = ⟨(a − y)/n, da − dy⟩."""
 
     generate_vmap_rule = True
 
@@ -476,10 +615,14 @@ class QuadraticCostFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, target, reduction = inputs
         ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target, output)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
         ctx.reduction = reduction
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None, None, None
         input, target = ctx.saved_tensors
         grad_a = quadratic_cost_backward(input, target, ctx.reduction, grad)  # BP1: ∇_a C = (a − y)/n
         return (
@@ -488,12 +631,21 @@ class QuadraticCostFunction(torch.autograd.Function):
             None,
         )
 
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, _reduction=None):
+        input, target, cost = ctx.saved_tensors
+        grad_a = quadratic_cost_backward(input, target, ctx.reduction, _one(cost))  # ∇_a C = (a − y)/n
+        sample = tuple(range(1, input.dim())) if input.dim() > 1 else (0,)  # a sample's elements ('none')
+        return _directional_derivative(cost, ctx.reduction, sample, (grad_a, _difference_tangent(d_input, d_target)))
+
 
 class CrossEntropyFunction(torch.autograd.Function):
     r"""Softmax with cross-entropy. C = −Σ_c q_c log softmax(z)_c, reduced; δ^L = softmax(z) Σq − q.
 
     See :func:`cross_entropy_backward`. Without weights and smoothing, δ^L = softmax(z) − y (BP1 for the
-    softmax output layer).
+    softmax output layer). Forward mode: dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩ + C(z, y; w = dw), summed over each
+    sample's classes for ``'none'``. C is linear in the class weights (they are differentiable for probability
+    targets only, where the mean does not divide by them), so its derivative along dw is C with the weights dw.
     """
 
     generate_vmap_rule = True
@@ -508,10 +660,14 @@ class CrossEntropyFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored = inputs
         ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight, output)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
         ctx.options = ignore_index, reduction, label_smoothing, maybe_ignored
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None, None, None, None, None, None, None
         z, target, weight = ctx.saved_tensors
         ignore_index, reduction, eps, maybe_ignored = ctx.options
         delta, grad_target, grad_weight = cross_entropy_backward(
@@ -519,11 +675,29 @@ class CrossEntropyFunction(torch.autograd.Function):
         )
         return delta, grad_target, grad_weight, None, None, None, None  # BP1: δ^L = softmax(z) − y
 
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, d_weight: Tensor | None, *_options):
+        z, target, weight, loss = ctx.saved_tensors
+        ignore_index, reduction, eps, maybe_ignored = ctx.options
+        if not target.is_floating_point():
+            d_weight = None  # class weights of class-index targets are constants, as torch's backward has them
+        need_target = d_target is not None
+        delta, grad_target, _ = cross_entropy_backward(
+            z, target, weight, ignore_index, reduction, eps, _one(loss), maybe_ignored, need_target
+        )
+        classes = (0 if z.dim() == 1 else 1,)
+        dc = _directional_derivative(loss, reduction, classes, (delta, d_input), (grad_target, d_target))
+        if d_weight is not None:  # C is linear in w: ⟨∂C/∂w, dw⟩ = C(z, y; w = dw)
+            dc_w = F.cross_entropy(z, target, d_weight, reduction=reduction, label_smoothing=eps)
+            dc = dc_w if dc is None else dc + dc_w
+        return dc  # dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩ + ⟨∂C/∂w, dw⟩
+
 
 class BCEFunction(torch.autograd.Function):
     r"""Cross-entropy on sigmoid outputs (Nielsen's cost): C = −w [y log a + (1 − y) log(1 − a)].
 
     ∇_a C = w (a − y) / (a (1 − a)); after the sigmoid's σ'(z) = a(1 − a) this is δ^L = a − y.
+    Forward mode: dC = ⟨∇_a C, da⟩ + ⟨∂C/∂y, dy⟩; the weight is a constant, as torch's backward has it.
     """
 
     generate_vmap_rule = True
@@ -536,20 +710,33 @@ class BCEFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, target, weight, reduction = inputs
         ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight, output)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
         ctx.reduction = reduction
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None, None, None, None
         a, y, weight = ctx.saved_tensors
         grad_a, grad_y = binary_cross_entropy_backward(a, y, weight, ctx.reduction, grad, *ctx.needs_input_grad[:2])
         return grad_a, grad_y, None, None  # BP1: ∇_a C
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, _weight=None, _reduction=None):
+        a, y, weight, loss = ctx.saved_tensors
+        grad_a, grad_y = binary_cross_entropy_backward(
+            a, y, weight, ctx.reduction, _one(loss), d_input is not None, d_target is not None
+        )
+        return _directional_derivative(loss, ctx.reduction, (), (grad_a, d_input), (grad_y, d_target))
 
 
 class BCEWithLogitsFunction(torch.autograd.Function):
     r"""Sigmoid and binary cross-entropy in one: C = −w [p y log σ(z) + (1 − y) log(1 − σ(z))].
 
     The σ'(z) of BP1 cancels the cost's 1/(a(1 − a)): δ^L = w [(p y + 1 − y) σ(z) − p y],
-    which is σ(z) − y without weights.
+    which is σ(z) − y without weights. Forward mode: dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩; the weight and the
+    pos_weight are constants, as torch's backward has them.
     """
 
     generate_vmap_rule = True
@@ -562,15 +749,52 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, target, weight, pos_weight, reduction = inputs
         ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.save_for_forward(input, target, weight, pos_weight, output)
+        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
         ctx.reduction = reduction
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
+            return None, None, None, None, None
         z, y, weight, pos_weight = ctx.saved_tensors
         grad_z, grad_y = binary_cross_entropy_with_logits_backward(
             z, y, weight, pos_weight, ctx.reduction, grad, *ctx.needs_input_grad[:2]
         )
         return grad_z, grad_y, None, None, None  # BP1: δ^L = σ(z) − y
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, _weight=None, _pos_weight=None, _reduction=None):
+        z, y, weight, pos_weight, loss = ctx.saved_tensors
+        grad_z, grad_y = binary_cross_entropy_with_logits_backward(
+            z, y, weight, pos_weight, ctx.reduction, _one(loss), d_input is not None, d_target is not None
+        )
+        return _directional_derivative(loss, ctx.reduction, (), (grad_z, d_input), (grad_y, d_target))
+
+
+def _without_jvp(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """``fn`` without its ``jvp``: what ``torch.compile`` runs, as Dynamo cannot trace a Function that defines one.
+
+    (torch 2.13: "Unsupported custom jvp". Forward-mode AD does not run inside compiled code anyway.)
+    """
+    body = {k: v for k, v in vars(fn).items() if k not in ("jvp", "__dict__", "__weakref__")}
+    return type(fn.__name__, fn.__bases__, body)
+
+
+# What _apply runs under torch.compile, by id (the lookup Dynamo can trace).
+_TRACEABLE = {
+    id(fn): _without_jvp(fn)
+    for fn in (
+        LinearFunction,
+        SigmoidFunction,
+        ReLUFunction,
+        MSELossFunction,
+        QuadraticCostFunction,
+        CrossEntropyFunction,
+        BCEFunction,
+        BCEWithLogitsFunction,
+    )
+}
 
 
 # ==================================================================================================
