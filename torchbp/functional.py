@@ -27,6 +27,8 @@ names, arguments, defaults and exception types as ``torch.nn.functional``; the c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,6 +60,7 @@ __all__ = [
     "CrossEntropyFunction",
     "BCEFunction",
     "BCEWithLogitsFunction",
+    "ChainFunction",
 ]
 
 # The number of attached DeltaMonitors (see torchbp.monitor). While it is 0, no forward pass does any
@@ -772,6 +775,188 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         return _directional_derivative(loss, ctx.reduction, (), (grad_z, d_input), (grad_y, d_target))
 
 
+# ==================================================================================================
+# The backprop loop: a run of Linear and activation layers as one Function, whose backward is the
+# algorithm of Nielsen's backprop(): δ^L, then for l = L … 1: BP3, BP4, and δ^{l-1} = (w^l)^T δ^l ⊙ σ'(z^{l-1}).
+# ==================================================================================================
+
+LINEAR, SIGMOID, RELU = "linear", "sigmoid", "relu"
+
+
+def _chain_saves(layers: tuple) -> tuple[bool, ...]:
+    """Which layers' outputs the loop keeps: an activation's (its σ'(z), and the next layer's a^{l-1}), and a
+    Linear's that another Linear reads directly; never the last layer's (the run's output)."""
+    kinds = [kind for kind, _ in layers]
+    return tuple(i < len(kinds) - 1 and (kind != LINEAR or kinds[i + 1] == LINEAR) for i, kind in enumerate(kinds))
+
+
+class _Held:
+    """What a saved tensor of the loop is packed into: the loop's backward empties it once that tensor is used,
+    so each activation is freed where the per-op backward frees it (peak memory as per-op)."""
+
+    __slots__ = ("obj",)
+
+
+def _holding_saved_tensors() -> tuple[list[_Held], Any, Any]:
+    """saved_tensors_hooks that pack each saved tensor into a :class:`_Held` (on top of any hooks in effect,
+    e.g. ``save_on_cpu``), and a list that unpacking fills with the holders, in the order of the saved tensors."""
+    unpacked: list[_Held] = []
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+
+    def pack(t: Tensor) -> _Held:
+        h = _Held()
+        h.obj = t if outer_pack is None else outer_pack(t)
+        return h
+
+    def unpack(h: _Held) -> Tensor:
+        if h.obj is None:
+            raise RuntimeError(
+                "torchbp: the backprop loop's saved tensors were freed by a backward pass; "
+                "pass retain_graph=True to backward through the graph a second time"
+            )
+        unpacked.append(h)
+        return h.obj if outer_unpack is None else outer_unpack(h.obj)
+
+    return unpacked, pack, unpack
+
+
+class ChainFunction(torch.autograd.Function):
+    r"""A run of layers, z^l = w^l a^{l-1} + b^l and a^l = σ(z^l), as one Function; backward is the backprop loop.
+
+    ``layers`` is a tuple of ``(kind, slot)``: ``("linear", slot)`` (``slot``: the monitor's record of the layer
+    or ``None``), ``("sigmoid", None)``, ``("relu", None)``; ``params`` are each Linear's weight and bias (``None``
+    without), in order. ``forward`` returns the run's output, then the activations the backward reads (outputs
+    too, so that a double backward differentiates through them). It saves what the per-op Functions save (a^{l-1} where BP4 needs it, w^l where BP2 does,
+    each activation's output), so memory is the same; the per-op Python cost is paid once per run.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: Tensor, layers: tuple, *params: Tensor | None):
+        saves = _chain_saves(layers)
+        a, kept, p = input, [], 0
+        for i, (kind, _) in enumerate(layers):
+            if kind == LINEAR:
+                a = F.linear(a, params[p], params[p + 1])  # z^l = w^l a^{l-1} + b^l
+                p += 2
+            elif kind == SIGMOID:
+                a = torch.sigmoid(a)  # a^l = σ(z^l)
+            elif i and layers[i - 1][0] == LINEAR and not saves[i - 1]:
+                a = a.relu_()  # a^l = max(z^l, 0), over z^l, which nothing else reads
+            else:
+                a = torch.relu(a)
+            if saves[i]:
+                kept.append(a)
+        return (a, *kept)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, layers, *params = inputs
+        needs = ctx.needs_input_grad
+        saves = _chain_saves(layers)
+        outputs = iter(output[1:])
+        ins, acts, weights = [], [], []  # per layer: its input a^{l-1}, its output (activations), w^l (Linears)
+        a, p = input, 0
+        flows = needs[0]  # whether a gradient flows to this layer's input (some earlier tensor needs one)
+        for i, (kind, slot) in enumerate(layers):
+            out = next(outputs) if saves[i] else None
+            if kind == LINEAR:
+                w = params[p]
+                keep_input = needs[2 + p] or (slot is not None and slot.needs_input)
+                ins.append(a if keep_input else None)  # BP4 needs a^{l-1}
+                weights.append(w if flows else None)  # BP2 needs w^l
+                flows = flows or needs[2 + p] or needs[3 + p]
+                p += 2
+            else:
+                ins.append(None)
+                weights.append(None)
+            acts.append(out if kind != LINEAR else None)
+            a = out
+        if layers[-1][0] != LINEAR:
+            acts[-1] = output[0]  # the last activation's σ'(z) needs the run's output
+        ctx.save_for_backward(*ins, *acts, *weights)
+        ctx.save_for_forward(input, *[t for t in params if t is not None], *output)  # (None is not kept)
+        ctx.present = tuple(t is not None for t in params)
+        ctx.set_materialize_grads(False)
+        ctx.layers = layers
+        last = layers[-1][1] if layers[-1][0] == LINEAR else None
+        ctx.slot = last  # the Linear whose output z is the run's output (a ReLU after it records its dead units)
+        ctx.producer_slot = next((slot for kind, slot in reversed(layers) if kind == LINEAR), None)
+
+    @staticmethod
+    def backward(ctx, delta: Tensor | None, *grad_kept: Tensor | None):  # delta: ∇_a C at the run's output
+        # (grad_kept: gradients for the kept activations, which only a double backward sends: added where they are.)
+        layers, n = ctx.layers, len(ctx.layers)
+        unpacked = getattr(ctx, "held", None)
+        if unpacked is not None:
+            unpacked.clear()
+        saved = list(ctx.saved_tensors)
+        ins, acts, weights = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        held = None
+        if unpacked is not None and not torch._C._autograd._get_current_graph_task_keep_graph():
+            holders = iter(unpacked)  # one per saved tensor that is not None, in order: free each after its use
+            held = [next(holders) if t is not None else None for t in saved[: 2 * n]]
+        needs = ctx.needs_input_grad
+        saves = _chain_saves(layers)
+        kept = sum(saves)
+        p = 2 * sum(kind == LINEAR for kind, _ in layers)
+        grads: list[Tensor | None] = [None] * p
+        for i in reversed(range(n)):  # l = L … 1
+            if saves[i]:
+                kept -= 1
+                if grad_kept[kept] is not None:
+                    delta = grad_kept[kept] if delta is None else delta + grad_kept[kept]
+            kind, slot = layers[i]
+            if kind == LINEAR:
+                p -= 2
+            if delta is None:
+                continue  # nothing flows back through this layer
+            if kind == SIGMOID:
+                delta = sigmoid_backward(delta, acts[i])  # BP1/BP2: ⊙ σ'(z^l)
+            elif kind == RELU:
+                if i and layers[i - 1][0] == LINEAR and layers[i - 1][1] is not None:
+                    layers[i - 1][1].record_relu(acts[i])  # the monitor: units with σ'(z) = 0 for every sample
+                delta = relu_backward(delta, acts[i])  # BP1/BP2: ⊙ σ'(z^l)
+            else:  # here delta = δ^l = ∂C/∂z^l
+                flows = needs[0] or any(needs[2 : 2 + p])
+                grad_input, grads[p], grads[p + 1] = linear_backward(
+                    delta, ins[i], weights[i], flows, needs[2 + p], needs[3 + p]
+                )  # BP2's (w^l)^T δ^l, BP4, BP3
+                if slot is not None:
+                    slot.record(delta, ins[i], grads[p], grads[p + 1])  # the monitor's statistics of δ^l
+                delta = grad_input
+            if held is not None:  # layer l is done with its a^{l-1} and its output: let them go
+                for j in (i, n + i):
+                    if held[j] is not None:
+                        held[j].obj = saved[j] = None
+                ins[i] = acts[i] = None
+        return delta, None, *grads
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, _layers, *d_params: Tensor | None):
+        input, *rest = ctx.saved_tensors
+        layers = ctx.layers
+        given = iter(rest)
+        params = [next(given) if present else None for present in ctx.present]
+        outputs = list(given)
+        kept = iter(outputs[1:])
+        saves = _chain_saves(layers)
+        a, da, p, tangents = input, d_input, 0, []
+        for i, (kind, _) in enumerate(layers):
+            out = next(kept) if saves[i] else (outputs[0] if i == len(layers) - 1 else None)
+            if kind == LINEAR:
+                da = linear_jvp(a, params[p], da, d_params[p], d_params[p + 1])  # dz = da w^T + a dw^T + db
+                p += 2
+            elif da is not None:
+                da = (sigmoid_backward if kind == SIGMOID else relu_backward)(da, out)  # da^l = σ'(z^l) ⊙ dz^l
+            if saves[i]:  # the kept activation's own tangent (zeros, not None: functorch wants one)
+                tangents.append(da if da is not None else torch.zeros_like(out))
+            a = out
+        return (da, *tangents)
+
+
 def _without_jvp(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """``fn`` without its ``jvp``: what ``torch.compile`` runs, as Dynamo cannot trace a Function that defines one.
 
@@ -793,6 +978,7 @@ _TRACEABLE = {
         CrossEntropyFunction,
         BCEFunction,
         BCEWithLogitsFunction,
+        ChainFunction,
     )
 }
 
@@ -845,6 +1031,69 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is None and isinstance(weight, Tensor) and weight.dim() == 1:  # z = a·w, as torch allows
         return _linear(input, weight.unsqueeze(0), None).squeeze(-1)
     return _linear(input, weight, bias)
+
+
+def _chain(input: Tensor, layers: tuple, params: list[Tensor | None]) -> Tensor:
+    """Run ``layers`` (see :class:`ChainFunction`) as one Function: what ``torchbp.nn.Sequential`` calls for a run
+    of torchbp Linear and activation layers. Checked as each layer's own call would be."""
+    if not isinstance(input, Tensor) or not input.dim():
+        return _per_op(input, layers, params)  # (the per-op path raises the Linear's own error)
+    features, p, autocast = input.shape[-1], 0, torch._C._is_any_autocast_enabled()
+    for kind, slot in layers:
+        if kind == LINEAR:
+            weight, bias = params[p], params[p + 1]
+            if (
+                features != weight.shape[1]
+                or (bias is not None and bias.shape != weight.shape[:1])
+                or (not autocast and weight.dtype != input.dtype)
+                or weight.device != input.device
+                or (slot is not None and slot.needs_input and torch.compiler.is_compiling())
+            ):
+                return _per_op(input, layers, params)  # (the per-op path raises the Linear's own error)
+            features, p = weight.shape[0], p + 2
+    _checks.check_linear(input, params[0], params[1])
+    if autocast:
+        input, *params = _autocast(None, input, *params)
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _apply(ChainFunction, input, layers, *params)[0]
+    held, pack, unpack = _holding_saved_tensors()
+    torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+    try:
+        out = _apply(ChainFunction, input, layers, *params)[0]
+    finally:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    if out.grad_fn is not None:
+        out.grad_fn.held = held  # (the node is the ctx: its backward frees what it has used)
+    if _monitors and not torch.compiler.is_compiling():
+        _discover_chain(input, layers)
+    return out
+
+
+def _discover_chain(input: Tensor, layers: tuple) -> None:
+    """The data flow for the monitor: into the first Linear from the autograd graph, then along the run."""
+    previous = None
+    for kind, slot in layers:
+        if kind == LINEAR and slot is not None and slot.discovering:
+            if previous is None:
+                slot.discover(input)
+            else:
+                slot.consumes(previous)
+        if kind == LINEAR:
+            previous = slot
+
+
+def _per_op(input: Tensor, layers: tuple, params: list[Tensor | None]) -> Tensor:
+    """``layers`` one Function each (where the run cannot be one)."""
+    p = 0
+    for kind, slot in layers:
+        if kind == LINEAR:
+            input = _linear(input, params[p], params[p + 1], slot)
+            p += 2
+        elif kind == SIGMOID:
+            input = sigmoid(input)
+        else:
+            input = _relu(input, False)
+    return input
 
 
 def sigmoid(input: Tensor) -> Tensor:

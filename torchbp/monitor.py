@@ -170,6 +170,11 @@ class _LayerSlot:
                 alive = rows.amax(0) if rows.shape[0] else rows.new_zeros(rows.shape[1])
                 monitor._vectors[start : start + alive.shape[0]].copy_(alive != 0)
 
+    def consumes(self, producer: _LayerSlot) -> None:
+        """This layer reads ``producer``'s output through element-wise operations (known without the graph)."""
+        self.monitor._consumers.setdefault(producer.row, set()).add(self.row)
+        self.monitor._consumer_cache = None
+
     def discover(self, input: Tensor) -> None:
         """In an eager forward: the monitored Linears whose output reaches this layer's input through
         element-wise operations only are its producers; this layer is their consumer (for delta_gain)."""
@@ -217,7 +222,7 @@ def _linear_producers(node, monitor: DeltaMonitor) -> list[_LayerSlot]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        slot = getattr(node, "slot", None)
+        slot = getattr(node, "producer_slot", None) or getattr(node, "slot", None)  # (a run of layers: its last)
         if isinstance(slot, _LayerSlot):
             if slot.monitor is monitor:
                 found.append(slot)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import functional as F
 
 __all__ = [
+    "Sequential",
     "Linear",
     "Sigmoid",
     "ReLU",
@@ -136,6 +137,92 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
         )
 
 
+_CHAINED = (Linear, Sigmoid, ReLU)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
+
+
+class Sequential(nn.Sequential):
+    r""":class:`torch.nn.Sequential` that runs each run of torchbp layers as one Function: the backprop loop.
+
+    A run is two or more consecutive :class:`Linear`, :class:`Sigmoid` and :class:`ReLU` modules, starting
+    with a Linear, none with hooks of its own (and no global module hooks). It runs as one
+    :class:`torchbp.functional.ChainFunction`, whose backward is the backpropagation algorithm of the seeds
+    (Nielsen's ``backprop()``): δ^L, then for each layer from the last, BP3, BP4 and
+    δ^{l-1} = (w^l)^T δ^l ⊙ σ'(z^{l-1}). Results, gradients, memory and the :class:`~torchbp.DeltaMonitor`'s
+    statistics are those of the per-op path (one Function per layer), which every other module takes; the
+    run saves the per-op Functions' Python cost per layer. Constructor, module tree, ``state_dict``, ``repr``
+    and parameters are :class:`torch.nn.Sequential`'s; :func:`torchbp.convert` makes an ``nn.Sequential``
+    one. :meth:`chained_runs` tells which modules run as one Function; ``chain = False`` (on an instance)
+    runs every module on its own.
+
+    Example::
+
+        >>> model = torchbp.nn.Sequential(torchbp.nn.Linear(4, 8), torchbp.nn.ReLU(), torchbp.nn.Linear(8, 3))
+        >>> model.chained_runs()
+        [(0, 3)]
+    """
+
+    chain: bool = True
+
+    def _plan(self) -> list[nn.Module | tuple[nn.Module, ...]]:
+        """The modules in order, each run of layers (see the class) as one tuple."""
+        modules = list(self._modules.values())
+        if not self.chain or _global_hooks():
+            return modules
+        plan: list[nn.Module | tuple[nn.Module, ...]] = []
+        i = 0
+        while i < len(modules):
+            j = i
+            while j < len(modules) and type(modules[j]) in _CHAINED and not _hooked(modules[j]):
+                j += 1
+            if j - i >= 2 and type(modules[i]) is Linear:
+                plan.append(tuple(modules[i:j]))
+                i = j
+            else:
+                plan.append(modules[i])
+                i += 1
+        return plan
+
+    def chained_runs(self) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` index ranges of the modules that run as one Function (see the class)."""
+        runs, at = [], 0
+        for item in self._plan():
+            n = len(item) if isinstance(item, tuple) else 1
+            if isinstance(item, tuple):
+                runs.append((at, at + n))
+            at += n
+        return runs
+
+    def forward(self, input):
+        for item in self._plan():
+            if isinstance(item, tuple):
+                layers, params = [], []
+                for m in item:
+                    if type(m) is Linear:
+                        layers.append((F.LINEAR, m._torchbp_slot))
+                        params += (m.weight, m.bias)
+                    else:
+                        layers.append((F.SIGMOID if type(m) is Sigmoid else F.RELU, None))
+                input = F._chain(input, tuple(layers), params)
+            else:
+                input = item(input)
+        return input
+
+
 _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear,
     nn.Sigmoid: Sigmoid,
@@ -151,9 +238,10 @@ def convert(module: nn.Module) -> nn.Module:
     r"""Make every ``torch.nn`` layer and loss that torchbp replaces use torchbp's backward, in place.
 
     Converts ``Linear``, ``Sigmoid``, ``ReLU``, ``MSELoss``, ``CrossEntropyLoss``, ``BCELoss`` and
-    ``BCEWithLogitsLoss`` anywhere inside ``module`` (``module`` itself included), recursively. Only
-    those exact classes are converted; subclasses (which may have a forward of their own) are left
-    alone. Each converted module keeps its identity, its Parameter and buffer objects, hooks and
+    ``BCEWithLogitsLoss`` anywhere inside ``module`` (``module`` itself included), recursively, and
+    ``Sequential`` to :class:`torchbp.nn.Sequential` (its runs of Linear and activation layers then run as
+    one Function, the backprop loop). Only those exact classes are converted; subclasses (which may have a
+    forward of their own) are left alone. Each converted module keeps its identity, its Parameter and buffer objects, hooks and
     mode: an optimizer built before still trains the model, and references to submodules stay valid.
 
     Args:
@@ -181,12 +269,14 @@ def convert(module: nn.Module) -> nn.Module:
         raise TypeError(f"convert(): expected a torch.nn.Module, got {type(module).__name__}")
     converted = already = False
     for m in module.modules():
+        if type(m) is nn.Sequential:  # runs of torchbp layers in it then run as one Function (the backprop loop)
+            m.__class__ = Sequential
         new_class = _REPLACEMENTS.get(type(m))
         if new_class is not None:
             # The torchbp class adds only a forward to torch's, so the object stays valid as it is.
             m.__class__ = new_class
             converted = True
-        elif type(m) in _REPLACEMENTS.values() or type(m) is QuadraticCost:
+        elif type(m) in _REPLACEMENTS.values() or type(m) in (QuadraticCost, Sequential):
             already = True
     if not converted and not already:
         import warnings
