@@ -783,11 +783,38 @@ class BCEWithLogitsFunction(torch.autograd.Function):
 LINEAR, SIGMOID, RELU = "linear", "sigmoid", "relu"
 
 
-def _chain_saves(layers: tuple) -> tuple[bool, ...]:
-    """Which layers' outputs the loop keeps: an activation's (its σ'(z), and the next layer's a^{l-1}), and a
-    Linear's that another Linear reads directly; never the last layer's (the run's output)."""
-    kinds = [kind for kind, _ in layers]
-    return tuple(i < len(kinds) - 1 and (kind != LINEAR or kinds[i + 1] == LINEAR) for i, kind in enumerate(kinds))
+class _LoopPlan:
+    """What the loop needs to know of a run of layer kinds, worked out once per kind sequence (and cached).
+
+    ``saves[i]``: whether the loop keeps layer i's output (an activation's: its σ'(z) and the next layer's
+    a^{i-1}; a Linear's that another Linear reads directly; never the last layer's, the run's output).
+    ``param[i]``: the index of layer i's weight in the parameters (its bias follows), or -1.
+    ``inplace[i]``: a ReLU may overwrite its input, a Linear's z that nothing else reads.
+    """
+
+    def __init__(self, kinds: tuple[str, ...]) -> None:
+        n = len(kinds)
+        self.kinds, self.n = kinds, n
+        self.saves = tuple(i < n - 1 and (k != LINEAR or kinds[i + 1] == LINEAR) for i, k in enumerate(kinds))
+        params, p = [], 0
+        for k in kinds:
+            params.append(p if k == LINEAR else -1)
+            p += 2 if k == LINEAR else 0
+        self.param, self.n_params, self.kept = tuple(params), p, sum(self.saves)
+        self.inplace = tuple(
+            k == RELU and i > 0 and kinds[i - 1] == LINEAR and not self.saves[i - 1] for i, k in enumerate(kinds)
+        )
+        self.linears = tuple(i for i, k in enumerate(kinds) if k == LINEAR)
+
+
+_PLANS: dict[tuple[str, ...], _LoopPlan] = {}
+
+
+def _loop_plan(kinds: tuple[str, ...]) -> _LoopPlan:
+    plan = _PLANS.get(kinds)
+    if plan is None:
+        plan = _PLANS[kinds] = _LoopPlan(kinds)
+    return plan
 
 
 class _Held:
@@ -835,61 +862,58 @@ class ChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input: Tensor, layers: tuple, *params: Tensor | None):
-        saves = _chain_saves(layers)
-        a, kept, p = input, [], 0
-        for i, (kind, _) in enumerate(layers):
+        plan = _loop_plan(tuple(kind for kind, _ in layers))
+        a, kept = input, []
+        for kind, p, inplace, keep in zip(plan.kinds, plan.param, plan.inplace, plan.saves):
             if kind == LINEAR:
                 a = F.linear(a, params[p], params[p + 1])  # z^l = w^l a^{l-1} + b^l
-                p += 2
             elif kind == SIGMOID:
                 a = torch.sigmoid(a)  # a^l = σ(z^l)
-            elif i and layers[i - 1][0] == LINEAR and not saves[i - 1]:
-                a = a.relu_()  # a^l = max(z^l, 0), over z^l, which nothing else reads
             else:
-                a = torch.relu(a)
-            if saves[i]:
+                a = a.relu_() if inplace else torch.relu(a)  # a^l = max(z^l, 0) (in place over a z nothing reads)
+            if keep:
                 kept.append(a)
         return (a, *kept)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, layers, *params = inputs
+        plan = _loop_plan(tuple(kind for kind, _ in layers))
         needs = ctx.needs_input_grad
-        saves = _chain_saves(layers)
-        outputs = iter(output[1:])
-        ins, acts, weights = [], [], []  # per layer: its input a^{l-1}, its output (activations), w^l (Linears)
-        a, p = input, 0
+        n = plan.n
+        ins, acts, weights = [None] * n, [None] * n, [None] * n  # per layer: a^{i-1} (BP4), output (σ'), w^i (BP2)
+        kept = iter(output[1:])
+        a = input
         flows = needs[0]  # whether a gradient flows to this layer's input (some earlier tensor needs one)
         for i, (kind, slot) in enumerate(layers):
-            out = next(outputs) if saves[i] else None
+            out = next(kept) if plan.saves[i] else None
             if kind == LINEAR:
-                w = params[p]
-                keep_input = needs[2 + p] or (slot is not None and slot.needs_input)
-                ins.append(a if keep_input else None)  # BP4 needs a^{l-1}
-                weights.append(w if flows else None)  # BP2 needs w^l
+                p = plan.param[i]
+                if needs[2 + p] or (slot is not None and slot.needs_input):
+                    ins[i] = a  # BP4 needs a^{i-1}
+                if flows:
+                    weights[i] = params[p]  # BP2 needs w^i
                 flows = flows or needs[2 + p] or needs[3 + p]
-                p += 2
             else:
-                ins.append(None)
-                weights.append(None)
-            acts.append(out if kind != LINEAR else None)
+                acts[i] = out
             a = out
-        if layers[-1][0] != LINEAR:
+        if plan.kinds[-1] != LINEAR:
             acts[-1] = output[0]  # the last activation's σ'(z) needs the run's output
         ctx.save_for_backward(*ins, *acts, *weights)
         ctx.save_for_forward(input, *[t for t in params if t is not None], *output)  # (None is not kept)
         ctx.present = tuple(t is not None for t in params)
         ctx.set_materialize_grads(False)
-        ctx.layers = layers
-        last = layers[-1][1] if layers[-1][0] == LINEAR else None
+        ctx.layers, ctx.plan, ctx.held = layers, plan, _holding[-1] if _holding else None
+        last = layers[-1][1] if plan.kinds[-1] == LINEAR else None
         ctx.slot = last  # the Linear whose output z is the run's output (a ReLU after it records its dead units)
-        ctx.producer_slot = next((slot for kind, slot in reversed(layers) if kind == LINEAR), None)
+        ctx.producer_slot = layers[plan.linears[-1]][1]
 
     @staticmethod
     def backward(ctx, delta: Tensor | None, *grad_kept: Tensor | None):  # delta: ∇_a C at the run's output
         # (grad_kept: gradients for the kept activations, which only a double backward sends: added where they are.)
-        layers, n = ctx.layers, len(ctx.layers)
-        unpacked = getattr(ctx, "held", None)
+        layers, plan = ctx.layers, ctx.plan
+        n = plan.n
+        unpacked = ctx.held
         if unpacked is not None:
             unpacked.clear()
         saved = list(ctx.saved_tensors)
@@ -899,9 +923,8 @@ class ChainFunction(torch.autograd.Function):
             holders = iter(unpacked)  # one per saved tensor that is not None, in order: free each after its use
             held = [next(holders) if t is not None else None for t in saved[: 2 * n]]
         needs = ctx.needs_input_grad
-        saves = _chain_saves(layers)
-        kept = sum(saves)
-        p = 2 * sum(kind == LINEAR for kind, _ in layers)
+        saves = plan.saves
+        kept, p = plan.kept, plan.n_params
         grads: list[Tensor | None] = [None] * p
         for i in reversed(range(n)):  # l = L … 1
             if saves[i]:
@@ -926,7 +949,7 @@ class ChainFunction(torch.autograd.Function):
                 )  # BP2's (w^l)^T δ^l, BP4, BP3
                 if slot is not None:
                     slot.record(delta, ins[i], grads[p], grads[p + 1])  # the monitor's statistics of δ^l
-                delta = grad_input
+                delta, grad_input = grad_input, None  # (δ^l is freed here, as the per-op backward frees it)
             if held is not None:  # layer l is done with its a^{l-1} and its output: let them go
                 for j in (i, n + i):
                     if held[j] is not None:
@@ -937,21 +960,20 @@ class ChainFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, d_input: Tensor | None, _layers, *d_params: Tensor | None):
         input, *rest = ctx.saved_tensors
-        layers = ctx.layers
+        plan = ctx.plan
         given = iter(rest)
         params = [next(given) if present else None for present in ctx.present]
         outputs = list(given)
         kept = iter(outputs[1:])
-        saves = _chain_saves(layers)
-        a, da, p, tangents = input, d_input, 0, []
-        for i, (kind, _) in enumerate(layers):
-            out = next(kept) if saves[i] else (outputs[0] if i == len(layers) - 1 else None)
+        a, da, tangents = input, d_input, []
+        for i, kind in enumerate(plan.kinds):
+            out = next(kept) if plan.saves[i] else (outputs[0] if i == plan.n - 1 else None)
             if kind == LINEAR:
+                p = plan.param[i]
                 da = linear_jvp(a, params[p], da, d_params[p], d_params[p + 1])  # dz = da w^T + a dw^T + db
-                p += 2
             elif da is not None:
-                da = (sigmoid_backward if kind == SIGMOID else relu_backward)(da, out)  # da^l = σ'(z^l) ⊙ dz^l
-            if saves[i]:  # the kept activation's own tangent (zeros, not None: functorch wants one)
+                da = (sigmoid_backward if kind == SIGMOID else relu_backward)(da, out)  # da^i = σ'(z^i) ⊙ dz^i
+            if plan.saves[i]:  # the kept activation's own tangent (zeros, not None: functorch wants one)
                 tangents.append(da if da is not None else torch.zeros_like(out))
             a = out
         return (da, *tangents)
@@ -1036,37 +1058,50 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def _chain(input: Tensor, layers: tuple, params: list[Tensor | None]) -> Tensor:
     """Run ``layers`` (see :class:`ChainFunction`) as one Function: what ``torchbp.nn.Sequential`` calls for a run
     of torchbp Linear and activation layers. Checked as each layer's own call would be."""
-    if not isinstance(input, Tensor) or not input.dim():
+    if not _chain_applies(input, layers, params):
         return _per_op(input, layers, params)  # (the per-op path raises the Linear's own error)
-    features, p, autocast = input.shape[-1], 0, torch._C._is_any_autocast_enabled()
-    for kind, slot in layers:
-        if kind == LINEAR:
-            weight, bias = params[p], params[p + 1]
-            if (
-                features != weight.shape[1]
-                or (bias is not None and bias.shape != weight.shape[:1])
-                or (not autocast and weight.dtype != input.dtype)
-                or weight.device != input.device
-                or (slot is not None and slot.needs_input and torch.compiler.is_compiling())
-            ):
-                return _per_op(input, layers, params)  # (the per-op path raises the Linear's own error)
-            features, p = weight.shape[0], p + 2
-    _checks.check_linear(input, params[0], params[1])
-    if autocast:
+    if torch._C._is_any_autocast_enabled():
         input, *params = _autocast(None, input, *params)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _apply(ChainFunction, input, layers, *params)[0]
     held, pack, unpack = _holding_saved_tensors()
+    _holding.append(held)
     torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
     try:
         out = _apply(ChainFunction, input, layers, *params)[0]
     finally:
         torch._C._autograd._pop_saved_tensors_default_hooks()
-    if out.grad_fn is not None:
-        out.grad_fn.held = held  # (the node is the ctx: its backward frees what it has used)
-    if _monitors and not torch.compiler.is_compiling():
+        _holding.pop()
+    if _monitors:
         _discover_chain(input, layers)
     return out
+
+
+# The holders of the saved tensors of the ChainFunction being applied (read by its setup_context).
+_holding: list[list] = []
+
+
+def _chain_applies(input: Tensor, layers: tuple, params: list[Tensor | None]) -> bool:
+    """The checks of each Linear's own call (shapes, dtypes, devices), on the run at once."""
+    if not isinstance(input, Tensor) or not input.dim():
+        return False
+    features, dtype, device = input.shape[-1], input.dtype, input.device
+    autocast = torch._C._is_any_autocast_enabled()
+    p = 0
+    for kind, slot in layers:
+        if kind == LINEAR:
+            weight, bias = params[p], params[p + 1]
+            if (
+                weight.dim() != 2
+                or features != weight.shape[1]
+                or (bias is not None and bias.shape != weight.shape[:1])
+                or (not autocast and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)))
+                or weight.device != device
+                or (slot is not None and slot.needs_input and torch.compiler.is_compiling())
+            ):
+                return False
+            features, p = weight.shape[0], p + 2
+    return input.is_floating_point() or autocast
 
 
 def _discover_chain(input: Tensor, layers: tuple) -> None:

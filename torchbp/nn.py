@@ -138,6 +138,7 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
 
 
 _CHAINED = (Linear, Sigmoid, ReLU)
+_ACTIVATION = {Sigmoid: (F.SIGMOID, None), ReLU: (F.RELU, None)}
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -214,9 +215,10 @@ class Sequential(nn.Sequential):
                 for m in item:
                     if type(m) is Linear:
                         layers.append((F.LINEAR, m._torchbp_slot))
-                        params += (m.weight, m.bias)
+                        p = m._parameters  # (Module.__getattr__ is slow)
+                        params += (p["weight"], p["bias"])
                     else:
-                        layers.append((F.SIGMOID if type(m) is Sigmoid else F.RELU, None))
+                        layers.append(_ACTIVATION[type(m)])
                 input = F._chain(input, tuple(layers), params)
             else:
                 input = item(input)
