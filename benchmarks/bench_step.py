@@ -89,10 +89,13 @@ import torchbp
 
 # name, layer sizes, batch, step-time target torchbp/torch
 SIZES = [
-    ("small", [64, 32, 32, 10], 32, 1.15),
-    ("medium", [784, 512, 512, 10], 256, 1.02),
-    ("large", [784, 1024, 1024, 1024, 10], 1024, 1.02),
+    ("small", [64, 32, 32, 10], 32, 1.10),
+    ("medium", [784, 512, 512, 10], 256, 1.00),
+    ("large", [784, 1024, 1024, 1024, 10], 1024, 1.00),
 ]
+COMPILED_TARGET = 1.02  # torch.compile(fullgraph=True) of both models (small and medium)
+TRANSFORMER_TARGET = 1.00  # examples/transformer.py's TinyTransformer, converted (dim 128, 2 blocks, 64 tokens)
+MODES = ("eager", "compiled", "transformer")
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 MEMORY_TARGET = 1.00
 # Memory ratios pass up to 1.00 * (1 + MEMORY_TOLERANCE): a few bytes of transient scalar tensors (a Python
@@ -118,6 +121,25 @@ def build_mlp(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(activation())
     return nn.Sequential(*layers)
+
+
+VOCAB, LENGTH = 64, 64
+
+
+def transformer_lm() -> nn.Module:
+    """examples/transformer.py's TinyTransformer (dim 128, 4 heads, 2 blocks), logits flattened to (tokens, vocab)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from transformer import TinyTransformer
+
+    class LanguageModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyTransformer(vocab=VOCAB, dim=128, heads=4, layers=2, length=LENGTH)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.net(tokens).reshape(-1, VOCAB)
+
+    return LanguageModel()
 
 
 def make_optimizer(name: str, params) -> torch.optim.Optimizer:
@@ -310,10 +332,11 @@ def peak_growth_cpu(trainer: Trainer) -> int:
 class Row:
     device: str
     size: str
-    layers: list[int]
+    layers: list[int] | str
     batch: int
     activation: str
     time_target: float
+    mode: str = "eager"
     steps_per_block: int = 0
     torch_ms: float = 0.0
     torchbp_ms: float = 0.0
@@ -371,28 +394,38 @@ class Row:
         return self.time_ok and self.saved_ok and self.peak_ok
 
 
-def run_case(device, size, sizes, batch, target, act, args) -> Row:
+def run_case(device, size, sizes, batch, target, act, args, mode: str = "eager") -> Row:
     torch.manual_seed(0)
-    model = build_mlp(sizes, ACTIVATIONS[act]).to(device)
+    g = torch.Generator().manual_seed(1)
+    if mode == "transformer":
+        model = transformer_lm().to(device)
+        batches = []
+        for _ in range(N_BATCHES):
+            tokens = torch.randint(0, VOCAB, (batch, LENGTH + 1), generator=g)
+            batches.append((tokens[:, :-1].to(device), tokens[:, 1:].reshape(-1).to(device)))
+    else:
+        model = build_mlp(sizes, ACTIVATIONS[act]).to(device)
+        batches = [
+            (
+                torch.randn(batch, sizes[0], generator=g).to(device),
+                torch.randint(0, sizes[-1], (batch,), generator=g).to(device),
+            )
+            for _ in range(N_BATCHES)
+        ]
     loss_fn = nn.CrossEntropyLoss()
     bp_model = torchbp.convert(copy.deepcopy(model))
     bp_loss = torchbp.convert(copy.deepcopy(loss_fn))
-    g = torch.Generator().manual_seed(1)
-    batches = [
-        (
-            torch.randn(batch, sizes[0], generator=g).to(device),
-            torch.randint(0, sizes[-1], (batch,), generator=g).to(device),
-        )
-        for _ in range(N_BATCHES)
-    ]
     ref = Trainer(model, loss_fn, args.optimizer, batches)
     bp = Trainer(bp_model, bp_loss, args.optimizer, batches)
     err = check_same(ref, bp)
     if err:
         log(f"error: torch and torchbp disagree on {sizes} {act} at the first step:\n{err}")
         sys.exit(3)
+    if mode == "compiled":  # (the optimizers hold the same parameters)
+        ref.model = torch.compile(model, fullgraph=True)
+        bp.model = torch.compile(bp_model, fullgraph=True)
 
-    row = Row(str(device), size, sizes, batch, act, target)
+    row = Row(str(device), size, sizes, batch, act, target, mode)
     t0 = time.perf_counter()
     block_s = (args.block_ms if args.block_ms is not None else (20 if args.quick else 100)) / 1e3
     k, t_ref, t_bp, ratios = time_pair(ref, bp, Timer(device), args.repeats, args.warmup, block_s)
@@ -509,7 +542,7 @@ COLUMNS = [
 def cells(r: Row) -> list[str]:
     return [
         r.device,
-        str(r.layers),
+        str(r.layers) + (" compiled" if r.mode == "compiled" else ""),
         str(r.batch),
         r.activation,
         f"{r.torch_ms:.3f}",
@@ -604,6 +637,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--sizes", default="small,medium,large", help="comma-separated subset of small,medium,large")
     p.add_argument("--activations", default="sigmoid,relu", help="comma-separated subset of sigmoid,relu")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated subset of eager (the MLPs), compiled (small and medium MLPs under torch.compile), "
+        "transformer (examples/transformer.py's model, converted)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write every row, with the raw per-repeat step times, as JSON")
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -612,6 +651,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.warmup = 2 if args.quick else 5
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not set(args.modes) <= set(MODES):
+        p.error(f"--modes takes a subset of {','.join(MODES)}")
     return args
 
 
@@ -644,18 +686,29 @@ def main(argv=None) -> int:
     SOURCE_STATE = source_state()  # before the run: the code that is imported now is what is measured
     rows = []
     t_start = time.perf_counter()
+    cases = []
     for device in devices:
-        for size, layers, batch, target in sizes:
-            for act in acts:
-                t0 = time.perf_counter()
-                row = run_case(device, size, layers, batch, target, act, args)
-                rows.append(row)
-                log(
-                    f"{device} {layers} batch {batch} {act}: {row.torch_ms:.3f} / {row.torchbp_ms:.3f} ms, "
-                    f"ratio {row.ratio:.3f} ({row.steps_per_block} steps/block), saved {row.saved_ratio:.3f}, "
-                    f"peak {row.peak_ratio:.3f} (dPeak {row.dpeak_ratio:.3f}) [{time.perf_counter() - t0:.1f} s, "
-                    f"{row.timing_s:.1f} s timing]"
-                )
+        if "eager" in args.modes:
+            cases += [(device, *size, act, "eager") for size in sizes for act in acts]
+        if "compiled" in args.modes:
+            cases += [
+                (device, size, layers, batch, COMPILED_TARGET, act, "compiled")
+                for size, layers, batch, _ in sizes
+                if size != "large"
+                for act in acts
+            ]
+        if "transformer" in args.modes:
+            cases.append((device, "transformer", "transformer", 16, TRANSFORMER_TARGET, "gelu", "transformer"))
+    for device, size, layers, batch, target, act, mode in cases:
+        t0 = time.perf_counter()
+        row = run_case(device, size, layers, batch, target, act, args, mode)
+        rows.append(row)
+        log(
+            f"{device} {layers} batch {batch} {act}: {row.torch_ms:.3f} / {row.torchbp_ms:.3f} ms, "
+            f"ratio {row.ratio:.3f} ({row.steps_per_block} steps/block), saved {row.saved_ratio:.3f}, "
+            f"peak {row.peak_ratio:.3f} (dPeak {row.dpeak_ratio:.3f}) [{time.perf_counter() - t0:.1f} s, "
+            f"{row.timing_s:.1f} s timing]"
+        )
     log(f"total {time.perf_counter() - t_start:.1f} s")
     print(render(rows, devices, args))
     if args.json:

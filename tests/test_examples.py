@@ -50,3 +50,18 @@ def test_convert_warns_when_it_converts_nothing():
         model = torchbp.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)))
         torchbp.convert(model)
         torchbp.convert(torchbp.nn.QuadraticCost())
+
+
+def test_transformer_example_trains_compiled_with_the_monitor(tmp_path, capsys):
+    """examples/transformer.py: torch.nn transformer, converted, torch.compile(fullgraph=True), DeltaMonitor on."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = _load("transformer").main(["--steps", "40", "--every", "5", "--logdir", str(tmp_path), "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "torch.compile(fullgraph=True)" in out, out
+    assert result["loss"] < 2.5, out  # from log(32) = 3.47: it learns to count
+    stats = result["stats"]
+    assert stats["blocks.0.fc1"]["delta_gain"] is not None and stats["blocks.0.q_proj"]["delta_gain"] is None, stats
+    ea = EventAccumulator(str(tmp_path))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("delta_norm/head")] == list(range(0, 40, 5))
