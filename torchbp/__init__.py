@@ -1,7 +1,8 @@
 """torchbp: backpropagation written by hand from BP1-BP4, checkable against PyTorch, and visible.
 
 - :mod:`torchbp.functional`: autograd Functions with hand-written backward passes.
-- :mod:`torchbp.nn`: drop-in ``torch.nn`` layers and losses built on them; :func:`convert`.
+- :mod:`torchbp.nn`: drop-in ``torch.nn`` layers and losses built on them, a ``Sequential`` that runs a run of
+  layers as one Function (the backprop loop); :func:`convert`.
 - :class:`DeltaMonitor`: the per-layer error δ^l = ∂C/∂z^l, recorded in backward, logged to TensorBoard.
 """
 
@@ -15,6 +16,7 @@ from .nn import (
     MSELoss,
     QuadraticCost,
     ReLU,
+    Sequential,
     Sigmoid,
     convert,
 )
@@ -26,6 +28,7 @@ __all__ = [
     "nn",
     "convert",
     "DeltaMonitor",
+    "Sequential",
     "Linear",
     "Sigmoid",
     "ReLU",
