@@ -872,9 +872,9 @@ class ChainFunction(torch.autograd.Function):
             else:
                 ins.append(None)
                 weights.append(None)
-            acts.append(out if kind != LINEAR else None)
+            acts.append(out if kind != LINEAR and flows else None)  # σ'(z^l), where a gradient flows back
             a = out
-        if layers[-1][0] != LINEAR:
+        if layers[-1][0] != LINEAR and flows:
             acts[-1] = output[0]  # the last activation's σ'(z) needs the run's output
         ctx.save_for_backward(*ins, *acts, *weights)
         ctx.save_for_forward(input, *[t for t in params if t is not None], *output)  # (None is not kept)
@@ -911,7 +911,8 @@ class ChainFunction(torch.autograd.Function):
             kind, slot = layers[i]
             if kind == LINEAR:
                 p -= 2
-            if delta is None:
+            if delta is None or (kind != LINEAR and acts[i] is None):  # (σ'(z^l) not kept: nothing before needs δ)
+                delta = None
                 continue  # nothing flows back through this layer
             if kind == SIGMOID:
                 delta = sigmoid_backward(delta, acts[i])  # BP1/BP2: ⊙ σ'(z^l)
