@@ -1058,12 +1058,6 @@ def peak_growths(builder, batch: int, features: int) -> tuple[dict[str, int], in
     return growth, run_output.numel() * run_output.element_size()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ChainFunction.backward's local grad_input keeps the last Linear's BP2 output (w^l)^T δ^l alive after delta "
-    "has moved on to ⊙ σ'(z), until the next Linear's linear_backward returns: one activation more at the first "
-    "layer's BP4 (measured: peak growth 1034 KiB vs per-op 512 KiB at [784, 512, 512, 10], batch 256, ReLU)",
-)
 def test_peak_memory_of_a_training_step_not_above_per_op():
     """The loop's peak memory over a training step is the per-op path's.
 

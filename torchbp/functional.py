@@ -927,7 +927,7 @@ class ChainFunction(torch.autograd.Function):
                 )  # BP2's (w^l)^T δ^l, BP4, BP3
                 if slot is not None:
                     slot.record(delta, ins[i], grads[p], grads[p + 1])  # the monitor's statistics of δ^l
-                delta = grad_input
+                delta, grad_input = grad_input, None  # (the name must not keep this δ alive: peak memory as per-op)
             if held is not None:  # layer l is done with its a^{l-1} and its output: let them go
                 for j in (i, n + i):
                     if held[j] is not None:
