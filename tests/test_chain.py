@@ -1194,3 +1194,50 @@ def test_a_copied_model_trains_like_torch(how):
     for (name, p), q in zip(clone.named_parameters(), torch_model.parameters()):
         assert_close_labelled(p, q, f"{name} after 5 steps")
     assert not torch.equal(clone[0].weight, ours[0].weight)  # the copy trained, not the original
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop's saved-tensor holders among other graph features
+# --------------------------------------------------------------------------------------------------
+
+
+def square_model():
+    return nn.Sequential(L(6, 8), nn.ReLU(True), L(8, 8, False), nn.Sigmoid(), L(8, 6))
+
+
+GRAPHS = {
+    "called_twice": lambda m, x: m(m(x)),  # two loops over the same parameters in one graph
+    "output_used_twice": lambda m, x: m(x) * m[0](x)[..., :6] + m(x).sum(-1, keepdim=True),
+    "under_save_on_cpu": lambda m, x: _under(torch.autograd.graph.save_on_cpu(), m, x),  # the holders wrap its hooks
+    "under_saved_tensors_hooks": lambda m, x: _under(torch.autograd.graph.saved_tensors_hooks(_pack, _unpack), m, x),
+}
+
+
+def _pack(t):
+    return ("packed", t.clone())
+
+
+def _unpack(packed):
+    return packed[1]
+
+
+def _under(context, m, x):
+    with context:
+        return m(x)
+
+
+@pytest.mark.parametrize("graph", GRAPHS, ids=GRAPHS.keys())
+def test_the_loop_in_other_graphs_matches_torch(graph):
+    torch_model = square_model().double()
+    ours = torchbp.convert(copy.deepcopy(torch_model))
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for model in (torch_model, ours):
+        model.zero_grad(set_to_none=True)
+        xi = leaf_copy(x)
+        out = GRAPHS[graph](model, xi)
+        nodes = grad_fn_counts(out)
+        out.backward(upstream_like(out))
+        results.append((out, {"input": xi.grad, **{n: p.grad for n, p in model.named_parameters()}}, nodes))
+    assert results[1][2].get(CHAIN_NODE) == (1 if graph.startswith("under") else 2), results[1][2]
+    assert_same(results[1], results[0], graph)
