@@ -895,9 +895,9 @@ class ChainFunction(torch.autograd.Function):
                     weights[i] = params[p]  # BP2 needs w^i
                 flows = flows or needs[2 + p] or needs[3 + p]
             else:
-                acts[i] = out
+                acts[i] = out if flows else None  # σ'(z^i), where a gradient flows back
             a = out
-        if plan.kinds[-1] != LINEAR:
+        if plan.kinds[-1] != LINEAR and flows:
             acts[-1] = output[0]  # the last activation's σ'(z) needs the run's output
         ctx.save_for_backward(*ins, *acts, *weights)
         ctx.save_for_forward(input, *[t for t in params if t is not None], *output)  # (None is not kept)
@@ -934,7 +934,8 @@ class ChainFunction(torch.autograd.Function):
             kind, slot = layers[i]
             if kind == LINEAR:
                 p -= 2
-            if delta is None:
+            if delta is None or (kind != LINEAR and acts[i] is None):  # (σ'(z^l) not kept: nothing before needs δ)
+                delta = None
                 continue  # nothing flows back through this layer
             if kind == SIGMOID:
                 delta = sigmoid_backward(delta, acts[i])  # BP1/BP2: ⊙ σ'(z^l)
@@ -949,7 +950,7 @@ class ChainFunction(torch.autograd.Function):
                 )  # BP2's (w^l)^T δ^l, BP4, BP3
                 if slot is not None:
                     slot.record(delta, ins[i], grads[p], grads[p + 1])  # the monitor's statistics of δ^l
-                delta, grad_input = grad_input, None  # (δ^l is freed here, as the per-op backward frees it)
+                delta, grad_input = grad_input, None  # (the name must not keep this δ alive: peak memory as per-op)
             if held is not None:  # layer l is done with its a^{l-1} and its output: let them go
                 for j in (i, n + i):
                     if held[j] is not None:
