@@ -641,3 +641,21 @@ def test_float64_tolerance_catches_float32_leaks():
     x = {"input": torch.randn(4, 3, dtype=torch.float64, requires_grad=True)}
     with pytest.raises(AssertionError, match="grad of input"):
         assert_matches_torch(rounded, torch.sigmoid, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["relu", "sigmoid"])
+def test_batched_grads_of_activations_match_torch(name, device):
+    """torch.autograd.grad(..., is_grads_batched=True) (legacy vmap over the backward) and vectorized jacobians."""
+    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    ours, ref = getattr(BF, name), getattr(torch_ref, name)
+    torch.testing.assert_close(
+        torch.autograd.functional.jacobian(ours, x, vectorize=True),
+        torch.autograd.functional.jacobian(ref, x, vectorize=True),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    basis = torch.randn(5, 3, 4, dtype=torch.float64, device=device)
+    (g_ours,) = torch.autograd.grad(ours(x), x, basis, is_grads_batched=True)
+    (g_ref,) = torch.autograd.grad(ref(x), x, basis, is_grads_batched=True)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)

@@ -142,6 +142,7 @@ def _select_by_bits_applies(grad: Tensor, a: Tensor) -> bool:
         or a.dtype not in _BITS
         or grad.dtype != a.dtype  # (a saved-tensor hook may change a's dtype)
         or grad.is_neg()
+        or torch._C._functorch.is_legacy_batchedtensor(grad)  # autograd.grad(is_grads_batched=True): no bit views
     )
 
 
