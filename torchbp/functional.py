@@ -806,6 +806,7 @@ class _LoopPlan:
             k == RELU and i > 0 and kinds[i - 1] == LINEAR and not self.saves[i - 1] for i, k in enumerate(kinds)
         )
         self.linears = tuple(i for i, k in enumerate(kinds) if k == LINEAR)
+        self.kept_at = tuple(sum(self.saves[:i]) if self.saves[i] else -1 for i in range(n))  # its index in kept
 
 
 _PLANS: dict[tuple[str, ...], _LoopPlan] = {}
@@ -847,6 +848,31 @@ def _holding_saved_tensors() -> tuple[list[_Held], Any, Any]:
         return h.obj if outer_unpack is None else outer_unpack(h.obj)
 
     return unpacked, pack, unpack
+
+
+class _LoopTensors:
+    """The loop's saved tensors, per layer: ``ins`` (a^{l-1}, for BP4), ``acts`` (the output, for σ'(z^l)) and
+    ``weights`` (w^l, for BP2). :meth:`release` lets a layer's go once the loop has passed it (unless the graph
+    is kept for another backward pass), so each activation is freed where the per-op backward frees it."""
+
+    def __init__(self, ctx) -> None:
+        unpacked = ctx.held  # the holders, filled in the order ctx.saved_tensors unpacks them
+        if unpacked is not None:
+            unpacked.clear()
+        saved = list(ctx.saved_tensors)
+        n = ctx.plan.n
+        self.ins, self.acts, self.weights = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        self.holders = None
+        if unpacked is not None and not torch._C._autograd._get_current_graph_task_keep_graph():
+            holders = iter(unpacked)  # one per saved tensor that is not None
+            self.holders = [next(holders) if t is not None else None for t in saved[: 2 * n]]
+
+    def release(self, i: int) -> None:
+        if self.holders is not None:
+            for h in (self.holders[i], self.holders[len(self.ins) + i]):
+                if h is not None:
+                    h.obj = None
+            self.ins[i] = self.acts[i] = None
 
 
 class ChainFunction(torch.autograd.Function):
@@ -910,53 +936,33 @@ class ChainFunction(torch.autograd.Function):
         ctx.producer_slot = layers[plan.linears[-1]][1]
 
     @staticmethod
-    def backward(ctx, delta: Tensor | None, *grad_kept: Tensor | None):  # delta: ∇_a C at the run's output
-        # (grad_kept: gradients for the kept activations, which only a double backward sends: added where they are.)
-        layers, plan = ctx.layers, ctx.plan
-        n = plan.n
-        unpacked = ctx.held
-        if unpacked is not None:
-            unpacked.clear()
-        saved = list(ctx.saved_tensors)
-        ins, acts, weights = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        held = None
-        if unpacked is not None and not torch._C._autograd._get_current_graph_task_keep_graph():
-            holders = iter(unpacked)  # one per saved tensor that is not None, in order: free each after its use
-            held = [next(holders) if t is not None else None for t in saved[: 2 * n]]
-        needs = ctx.needs_input_grad
-        saves = plan.saves
-        kept, p = plan.kept, plan.n_params
-        grads: list[Tensor | None] = [None] * p
-        for i in reversed(range(n)):  # l = L … 1
-            if saves[i]:
-                kept -= 1
-                if grad_kept[kept] is not None:
-                    delta = grad_kept[kept] if delta is None else delta + grad_kept[kept]
+    def backward(ctx, delta: Tensor | None, *grad_kept: Tensor | None):  # ∇_a C at the run's output
+        layers, plan, needs = ctx.layers, ctx.plan, ctx.needs_input_grad
+        saved = _LoopTensors(ctx)
+        grads: list[Tensor | None] = [None] * plan.n_params
+        for i in reversed(range(plan.n)):  # l = L, …, 1
+            if plan.saves[i] and grad_kept[plan.kept_at[i]] is not None:  # (only a double backward sends these)
+                delta = grad_kept[plan.kept_at[i]] if delta is None else delta + grad_kept[plan.kept_at[i]]
             kind, slot = layers[i]
-            if kind == LINEAR:
-                p -= 2
-            if delta is None or (kind != LINEAR and acts[i] is None):  # (σ'(z^l) not kept: nothing before needs δ)
-                delta = None
-                continue  # nothing flows back through this layer
-            if kind == SIGMOID:
-                delta = sigmoid_backward(delta, acts[i])  # BP1/BP2: ⊙ σ'(z^l)
+            a = saved.acts[i]  # a^l = σ(z^l)
+            if delta is None or (kind != LINEAR and a is None):
+                delta = None  # no gradient flows back through this layer
+            elif kind == SIGMOID:
+                delta = sigmoid_backward(delta, a)  # BP1/BP2: δ^l = ∇_a C ⊙ σ'(z^l)
             elif kind == RELU:
-                if i and layers[i - 1][0] == LINEAR and layers[i - 1][1] is not None:
-                    layers[i - 1][1].record_relu(acts[i])  # the monitor: units with σ'(z) = 0 for every sample
-                delta = relu_backward(delta, acts[i])  # BP1/BP2: ⊙ σ'(z^l)
-            else:  # here delta = δ^l = ∂C/∂z^l
-                flows = needs[0] or any(needs[2 : 2 + p])
+                if layers[i - 1][1] is not None:  # (a run starts with a Linear: layer i - 1 is one here or before)
+                    layers[i - 1][1].record_relu(a)  # the monitor: units with σ'(z) = 0 for every sample
+                delta = relu_backward(delta, a)  # BP1/BP2: δ^l = ∇_a C ⊙ σ'(z^l)
+            else:  # delta is δ^l = ∂C/∂z^l
+                p = plan.param[i]
+                flows = needs[0] or any(needs[2 : 2 + p])  # does any tensor before layer l need a gradient?
                 grad_input, grads[p], grads[p + 1] = linear_backward(
-                    delta, ins[i], weights[i], flows, needs[2 + p], needs[3 + p]
-                )  # BP2's (w^l)^T δ^l, BP4, BP3
+                    delta, saved.ins[i], saved.weights[i], flows, needs[2 + p], needs[3 + p]
+                )  # BP4 ∂C/∂w^l = δ^l (a^{l-1})^T, BP3 ∂C/∂b^l = δ^l, and BP2's (w^l)^T δ^l
                 if slot is not None:
-                    slot.record(delta, ins[i], grads[p], grads[p + 1])  # the monitor's statistics of δ^l
+                    slot.record(delta, saved.ins[i], grads[p], grads[p + 1])  # the monitor's statistics of δ^l
                 delta, grad_input = grad_input, None  # (the name must not keep this δ alive: peak memory as per-op)
-            if held is not None:  # layer l is done with its a^{l-1} and its output: let them go
-                for j in (i, n + i):
-                    if held[j] is not None:
-                        held[j].obj = saved[j] = None
-                ins[i] = acts[i] = None
+            saved.release(i)
         return delta, None, *grads
 
     @staticmethod
