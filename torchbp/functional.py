@@ -122,7 +122,7 @@ def relu_backward(grad: Tensor, a: Tensor) -> Tensor:
     """
     if _select_by_bits_applies(grad, a):
         return _select_by_bits(grad, a)
-    return torch.where(a.bool(), grad, 0.0)  # BP1/BP2: ∇_a C ⊙ σ'(z), a select as torch's
+    return torch.where(a <= 0, 0.0, grad)  # BP1/BP2: ∇_a C ⊙ σ'(z), a select as torch's threshold_backward
 
 
 # Integer types of the floating dtypes' width, for ReLU's bit-pattern select.
@@ -147,7 +147,7 @@ def _select_by_bits_applies(grad: Tensor, a: Tensor) -> bool:
 
 
 def _select_by_bits(grad: Tensor, a: Tensor) -> Tensor:
-    """``torch.where(a.bool(), grad, 0)`` exactly, fast on CPU (where bool-mask kernels are slow), in one buffer.
+    """``torch.where(a <= 0, 0, grad)`` exactly (a is a ReLU's output: ≥ 0 or NaN), fast on CPU (where bool-mask kernels are slow), in one buffer.
 
     The bits of |a| as integers, clamped to 1, are σ'(z) (1 also where a is NaN); an integer product
     with the bits of ``grad`` selects them exactly: 0, not NaN, for an Inf or NaN gradient where σ'(z) = 0.
