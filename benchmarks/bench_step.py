@@ -421,9 +421,9 @@ def run_case(device, size, sizes, batch, target, act, args, mode: str = "eager")
     if err:
         log(f"error: torch and torchbp disagree on {sizes} {act} at the first step:\n{err}")
         sys.exit(3)
-    if mode == "compiled":  # (the optimizers hold the same parameters)
-        ref.model = torch.compile(model, fullgraph=True)
-        bp.model = torch.compile(bp_model, fullgraph=True)
+    if mode == "compiled":  # the model and the loss, each compiled whole (the optimizers hold the same parameters)
+        ref.model, ref.loss_fn = torch.compile(model, fullgraph=True), torch.compile(loss_fn, fullgraph=True)
+        bp.model, bp.loss_fn = torch.compile(bp_model, fullgraph=True), torch.compile(bp_loss, fullgraph=True)
 
     row = Row(str(device), size, sizes, batch, act, target, mode)
     t0 = time.perf_counter()
