@@ -46,28 +46,27 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-from bench_step import ACTIVATIONS, Timer, Trainer, build_mlp, cpu_model, log, quantile, select_devices  # noqa: E402
-from transformer import TinyTransformer  # noqa: E402
+from bench_step import (  # noqa: E402
+    ACTIVATIONS,
+    LENGTH,
+    VOCAB,
+    Timer,
+    Trainer,
+    build_mlp,
+    cpu_model,
+    log,
+    quantile,
+    select_devices,
+    transformer_lm,
+)
 
 import torchbp  # noqa: E402
 
 MLP, MLP_BATCH = [784, 512, 512, 10], 256
-VOCAB, LENGTH, TOKENS_BATCH = 64, 64, 16
+TOKENS_BATCH = 16
 MODELS = ("mlp-sigmoid", "mlp-relu", "transformer")
 TARGETS = {"log every step": 1.05, "+per-sample": 1.10, "compiled, log every step": 1.02}
 BASELINE = {"compiled, log every step": "compiled off"}
-
-
-class LanguageModel(nn.Module):
-    """TinyTransformer's logits flattened to (tokens, vocab), so Trainer's loss_fn(model(x), y) applies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = TinyTransformer(vocab=VOCAB, dim=128, heads=4, layers=2, length=LENGTH)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.net(tokens).reshape(-1, VOCAB)
 
 
 def build(name: str, device: torch.device):
@@ -75,7 +74,7 @@ def build(name: str, device: torch.device):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "transformer":
-        model = LanguageModel()
+        model = transformer_lm()
         batches = []
         for _ in range(8):
             tokens = torch.randint(0, VOCAB, (TOKENS_BATCH, LENGTH + 1), generator=g)

@@ -167,12 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"(seed 0); speeds over the {len(x)} images after each epoch"
     )
     shown = sorted({0, 1, 2, args.epochs} | set(range(0, args.epochs + 1, max(1, args.epochs // 5))))
-    trained = {}
+    trained, histories = {}, {}
     for depth in DEPTHS:
         model = network(depth, 0).to(args.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
         shuffle = torch.Generator().manual_seed(0)
-        rows = []
+        rows, history = [], []
         with torchbp.DeltaMonitor(model, log=os.path.join(args.logdir, f"{depth}_hidden"), every=1) as monitor:
             writer = monitor.writer
             for epoch in range(args.epochs + 1):
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                         cost(model, x[batch], y[batch]).backward()
                         optimizer.step()
                 speed = speeds(model, monitor, x, y)  # logged as delta_norm/<layer> at step = epoch
+                history.append(speed)
                 with torch.no_grad():
                     c = cost(model, x, y).item()
                 acc, test_acc = accuracy(model, x, labels), accuracy(model, x_test, labels_test)
@@ -195,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if epoch in shown:
                     rows.append([str(epoch), *(f"{s:.2e}" for s in speed), f"{c:.3f}", f"{acc:.3f}", f"{test_acc:.3f}"])
         trained[depth] = speed
+        histories[f"{depth} hidden layers"] = {
+            "steps": list(range(args.epochs + 1)),
+            "layers": [f"hidden {i + 1}" for i in range(depth)],
+            "delta_norm": [list(layer) for layer in zip(*history)],  # (layers, epochs)
+        }
         header = ["epoch", *(f"hidden {i + 1}" for i in range(depth)), "cost", "train acc", f"test acc ({len(x_test)})"]
         print(f"\n{depth} hidden layers, {[64] + [HIDDEN] * depth + [10]}")
         print(table(header, rows))
@@ -209,6 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
         "\nTensorBoard: speeds (delta_norm/<layer>, speed/hidden_<l>), cost and accuracy per epoch, one run per depth"
     )
     print(f"  tensorboard --logdir {args.logdir}")
+    try:  # the δ map: ‖δ^l‖ of each hidden layer per epoch, one row per layer, for each depth
+        from torchbp import picture
+
+        path = picture.save_delta_map(histories, os.path.join(args.logdir, "delta_map.png"))
+        print(f"δ map (log10 ‖δ^l‖ of each hidden layer per epoch, each depth): {path}")
+    except ImportError as e:
+        print(f"no δ map picture: {e}")
     print(f"({time.perf_counter() - started:.1f}s)")
     return {"init": init, "trained": trained}
 

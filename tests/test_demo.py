@@ -269,3 +269,9 @@ def test_nielsen_ch5_example_quick(background):
         steps = [step for step, _ in _scalars(logdir / f"{depth}_hidden", "delta_norm/0")]
         assert steps == [0, 1], steps  # initialisation and after the one --quick epoch
     assert f"tensorboard --logdir {logdir}" in out
+    png = logdir / "delta_map.png"  # ‖δ^l‖ per hidden layer and epoch, for each depth
+    assert f"δ map (log10 ‖δ^l‖ of each hidden layer per epoch, each depth): {png}" in out, out
+    from matplotlib import image as matplotlib_image
+
+    height, width = matplotlib_image.imread(png).shape[:2]
+    assert width > 400 and height > 300
