@@ -49,8 +49,6 @@ STATS = {
 # The columns of a layer's record, written by its backward.
 DELTA_NORM, WEIGHT_NORM, SAMPLE_MEAN, SAMPLE_MAX, FRO, COUNT, GEN, DEAD, DEAD_GEN = range(9)
 COLUMNS = 9
-#: Columns that scale with the loss (divided by a GradScaler's scale).
-_NORM_COLUMNS = (DELTA_NORM, WEIGHT_NORM, SAMPLE_MEAN, SAMPLE_MAX, FRO)
 HISTOGRAM_BINS = 64
 #: The training thread builds the events of the logged steps in batches, when the oldest is this old (seconds);
 #: a background thread writes those left when training pauses. With the writer's own 0.05 s, every logged step
@@ -646,7 +644,7 @@ class DeltaMonitor:
     def _unscaled(self, buffer: Tensor, scale: Tensor | None) -> Tensor:
         """A copy of the records with the GradScaler's scale divided out of the norm columns (on the device)."""
         snapshot = buffer.clone()
-        if scale is not None:
+        if scale is not None:  # the columns DELTA_NORM … FRO are norms: they scale with the loss
             snapshot[:-1, : FRO + 1] /= scale.to(snapshot.dtype)
         return snapshot
 
