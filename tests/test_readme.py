@@ -126,7 +126,9 @@ def test_equation_table_leads_to_each_tagged_line():
 
 def test_readme_is_a_first_page():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
-    assert lines <= README_MAX_LINES, f"README.md has {lines} lines, expected at most {README_MAX_LINES}: move depth to docs/"
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines, expected at most {README_MAX_LINES}: move depth to docs/"
+    )
 
 
 def test_readme_speaks_of_the_library():
