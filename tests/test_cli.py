@@ -11,10 +11,11 @@ import pytest
 import torch
 from helpers import DEVICES
 
-import torchbp.cli
-import torchbp.demo
+import torchbp.cli.check
+import torchbp.cli.demo
 import torchbp.functional
-from torchbp.cli import CASES, main
+from torchbp.cli import main
+from torchbp.cli.check import CASES
 
 FUNCTIONS = [case.name for case in CASES]
 
@@ -222,7 +223,7 @@ def test_usage_errors_say_what_was_expected_and_received(capsys, argv, message):
 
 def test_python_m_torchbp_demo_parses_as_torchbp_demo(capsys):
     with pytest.raises(SystemExit) as exc:
-        torchbp.demo.main(["--epochs", "abc"])
+        torchbp.cli.demo.main(["--epochs", "abc"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("torchbp demo: error: --epochs: expected a positive integer, got 'abc'")
 
@@ -232,7 +233,7 @@ def test_file_as_logdir_fails_at_once_named_as_typed(capsys, monkeypatch, tmp_pa
     """A file given as --logdir is named as the user typed it, before any data is loaded or imported."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
-    monkeypatch.setattr(torchbp.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    monkeypatch.setattr(torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
     typed = "afile/runs" if nested else "afile"
     problem = "'afile' is a file" if nested else "it is a file"
     err = usage_error(capsys, "demo", "--logdir", typed)
@@ -265,7 +266,7 @@ def test_file_as_logdir_fails_fast_in_a_fresh_process(tmp_path):
 def test_unwritable_run_directory_is_a_failure_before_training(capsys, tmp_path, monkeypatch):
     """--logdir is fine, but <logdir>/sigmoid is a file: exit status 1, the path named, nothing trained."""
     (tmp_path / "sigmoid").write_text("")
-    monkeypatch.setattr(torchbp.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    monkeypatch.setattr(torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
     assert main(["demo", "--logdir", str(tmp_path), "--no-progress"]) == 1
     captured = capsys.readouterr()
     expected = f"torchbp demo: error: cannot write TensorBoard logs to {str(tmp_path / 'sigmoid')!r} (in --logdir"
@@ -288,8 +289,8 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch, tmp_path, c
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torchbp.demo, "train", interrupted)
-    monkeypatch.setattr(torchbp.cli, "run_check", interrupted)
+    monkeypatch.setattr(torchbp.cli.demo, "train", interrupted)
+    monkeypatch.setattr(torchbp.cli.check, "run_check", interrupted)
     argv = ["demo", "--logdir", str(tmp_path), "--no-progress"] if command == "demo" else ["check"]
     assert main(argv) == 130
     err = capsys.readouterr().err
@@ -311,4 +312,4 @@ def test_output_piped_into_a_reader_that_stops_is_no_traceback():
 
 
 def test_plurals():
-    assert [torchbp.demo.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert [torchbp.cli.demo.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
