@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DEVICES
+from helpers import DEVICES, DTYPES, assert_matches_torch
 
 import torchbp.cli.check
 import torchbp.cli.demo
@@ -58,6 +58,22 @@ def test_every_function_listed():
         "binary_cross_entropy",
         "binary_cross_entropy_with_logits",
     ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_battery_cases_pass_the_suites_comparison(case, dtype):
+    """The battery's cases, through the test suite's own comparison (one definition of cases and tolerances)."""
+    args = case.make(torch.Generator().manual_seed(0))
+    args = {k: (v.to(dtype).requires_grad_(k in case.grads) if v.is_floating_point() else v) for k, v in args.items()}
+    assert_matches_torch(case.ours, case.ref, args)
+
+
+def test_one_definition_of_the_tolerances():
+    import helpers
+
+    assert helpers._TOLERANCES is torchbp.cli.check.TOLERANCES
+    assert helpers.quadratic_cost_formula is torchbp.cli.check.quadratic_cost_formula
 
 
 def test_python_m_torchbp_check():

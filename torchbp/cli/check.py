@@ -37,20 +37,49 @@ __all__ = ["CASES", "TOLERANCES", "Case", "run_check", "add_parser"]
 # torchbp check: the parity battery
 # --------------------------------------------------------------------------------------------------
 
-#: (rtol, atol) per dtype, the atol times max(1, max|reference|) (a sum of many terms carries an absolute
-#: error that grows with its terms). float64: 1e-12, as the tests: any float32 step on the way (6e-8
-#: relative) fails it. An element passes when |ours - torch| <= atol + rtol * |torch|.
+#: (rtol, atol) per dtype, the one definition used by ``torchbp check`` and by the test suite (tests/helpers.py).
+#: An element passes when |ours - torch| <= atol * max(1, max|torch|) + rtol * |torch|: the absolute error of
+#: a sum of many terms, or of a difference that cancels, grows with the size of its terms, and the largest
+#: reference value (over the finite elements) stands for that size; the inputs are O(1), hence the floor of 1.
+#:
+#: float64, rtol 1e-12, atol 1e-12: two float64 computations of one formula in a different order differ by a
+#: few ulps per operation; the sums here have at most a few hundred terms, so |error| <= n * 2^-53 * Σ|terms|
+#: stays below 1e-13 * scale, a margin of 10x. A float32 value anywhere on the path (a coefficient, a constant,
+#: an intermediate) carries a relative error up to 2^-24 ≈ 6e-8, 10^4 times the tolerance: it fails.
+#:
+#: float32, rtol 1e-5, atol 1e-5: the same reasoning one precision down. An element-wise chain of ten
+#: operations in another order is off by ~10 * 2^-24 ≈ 6e-7 relative, 16x inside 1e-5; sums are covered by
+#: the scaled atol. A half-precision step on a float32 path (float16 ≈ 5e-4, bfloat16 ≈ 4e-3 relative) is
+#: 50x or more outside it and fails. (A rtol of 1e-4 would pass every comparison too, with no case that needs
+#: it: measured on CPU over the whole test suite's float32 comparisons, torch 2.13.)
+#:
+#: bfloat16 and float16 (the tests' autocast and low-precision cases; ``torch check`` runs float32 and
+#: float64): a relative tolerance of a few units of their precision, and an absolute one scaled the same way.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-12, 1e-12),
     torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (1e-3, 1e-3),
 }
 
+#: The dtypes ``torchbp check --dtype`` offers.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def quadratic_cost_formula(input: Tensor, target: Tensor) -> Tensor:
-    """The seeds' C = 1/(2n) Σ_x ‖y(x) − a(x)‖² with torch ops: 0.5 * ((a - y)**2).sum() / N."""
-    return 0.5 * ((input - target) ** 2).sum() / input.shape[0]
+def quadratic_cost_formula(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Nielsen's quadratic cost C = 1/(2n) Σ_x ‖y(x) − a(x)‖², written with torch ops (the reference for
+    ``quadratic_cost``, which torch does not have).
+
+    n is the batch size (dim 0) for inputs of two or more dims; a 1-D input is one sample. 'sum' drops
+    the 1/n; 'none' gives ½‖y − a‖² per sample. An empty batch gives nan for 'mean', like torch's losses.
+    """
+    half_sq = 0.5 * (target - input) ** 2
+    per_sample = half_sq.flatten(1).sum(1) if input.dim() >= 2 else half_sq.sum()
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()  # Σ_x / n
 
 
 @dataclass(frozen=True)
@@ -441,7 +470,11 @@ def add_parser(subparsers: Any) -> None:
             "worst grad = the gradient closest to (or past) its tolerance; "
             "gradcheck = torch.autograd.gradcheck of torchbp's backward against finite differences "
             "(float64 rows only, '-' for float32). Tolerances: |torchbp - torch| <= atol + rtol*|torch|, "
-            "float64 rtol=1e-12, atol=1e-12*max(1, max|torch|), float32 rtol=1e-5, atol=1e-5*max(1, max|torch|). "
+            + ", ".join(
+                f"{name} rtol={TOLERANCES[d][0]:g}, atol={TOLERANCES[d][1]:g}*max(1, max|torch|)"
+                for name, d in (("float64", torch.float64), ("float32", torch.float32))
+            )
+            + ". "
             "TF32 matmuls are turned off during the check. "
             "Exit status: 0 all rows passed, 1 any mismatch or gradcheck failure, 2 usage error."
         ),
