@@ -18,13 +18,13 @@ import torch
 
 import torchbp
 
-from . import check, demo
+from . import check, demo, report
 from ._args import Parser, dispatch
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 #: One ``add_parser(subparsers)`` per subcommand, in the order ``torchbp --help`` lists them.
-SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (demo.add_parser, check.add_parser)
+SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (demo.add_parser, check.add_parser, report.add_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
