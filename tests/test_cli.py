@@ -228,7 +228,7 @@ def test_no_command_prints_help(capsys):
         (["demo", "--bogus"], "unrecognized arguments: --bogus"),
         (["check", "--dtype", "float16"], "--dtype: expected one of float32, float64, all, got 'float16'"),
         (["check", "--seed", "x"], "--seed: expected an integer, got 'x'"),
-        (["nonsense"], "COMMAND: expected one of demo, check, got 'nonsense'"),
+        (["nonsense"], "COMMAND: expected one of demo, check, report, got 'nonsense'"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
