@@ -78,7 +78,7 @@ def test_vanishing_toward_the_input():
     assert f.values[0] / f.values[-1] == pytest.approx(0.3**4)
     assert "hidden1 is 0.81% of output's" in f.message, f.message
     assert "the mean over samples of ‖δ_n‖" in f.message  # which norm
-    assert "At 10 of 10 logged steps every layer's gain" in f.message, f.message
+    assert "At 10 of these 10 steps every layer's gain" in f.message, f.message
     assert "ok" not in kinds(findings)
 
 
@@ -293,22 +293,23 @@ def demo_logs(tmp_path_factory):
     """``torchbp demo``, one epoch (23 steps, 12 logged), its log directory."""
     pytest.importorskip("sklearn", reason="the demo needs scikit-learn")
     logdir = tmp_path_factory.mktemp("demo")
-    status, _, err = run("demo", "--epochs", "1", "--every", "2", "--logdir", str(logdir), "--no-progress")
+    status, out, err = run("demo", "--epochs", "1", "--every", "2", "--logdir", str(logdir), "--no-progress")
     assert status == 0, err
+    assert f"What the δ statistics say: torchbp report {logdir}" in out, out
     return logdir
 
 
 def test_report_on_the_demo_tells_the_sigmoid_story(demo_logs):
     status, out, err = run("report", str(demo_logs))
     assert status == 0 and err == "", err
-    runs = out.split("\n\n")
+    runs = [" ".join(block.split()) for block in out.split("\n\n")]  # the findings' lines unwrapped
     relu, sigmoid = (block for block in runs if block.startswith("run "))
     assert relu.startswith("run relu: 5 layers (hidden1, hidden2, hidden3, hidden4, output), 12 logged steps")
-    assert "\n  ok: no problem found" in relu and "VANISHING" not in relu, relu
+    assert " ok: no problem found" in relu and "VANISHING" not in relu, relu
     assert sigmoid.startswith("run sigmoid: 5 layers"), sigmoid
-    assert "\n  VANISHING: δ vanishes toward the input: the mean over samples of ‖δ_n‖ of hidden1 is" in sigmoid
+    assert " VANISHING: δ vanishes toward the input: the mean over samples of ‖δ_n‖ of hidden1 is" in sigmoid
     assert "below 10% at 12 of 12 logged steps (steps 0-22)" in sigmoid, sigmoid
-    assert out.rstrip().endswith("torchbp report: 1 problem in 1 of 2 runs (sigmoid)")
+    assert out.rstrip().endswith("\ntorchbp report: 1 problem in 1 of 2 runs (sigmoid)")
 
 
 def test_report_json(demo_logs):

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -290,9 +291,12 @@ def _trend(norm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gains_below_one(history: History) -> tuple[int, float]:
-    """Steps at which every layer's gain (where it has one) was below 1, and the median gain."""
+def _gains_below_one(history: History, columns: np.ndarray | None = None) -> tuple[int, float]:
+    """Steps (of ``columns``, default all) at which every layer's gain (where it has one) was below 1, and the
+    median gain over them."""
     gain = _array(history, "delta_gain")
+    if gain is not None and columns is not None:
+        gain = gain[:, columns]
     if gain is None or not np.isfinite(gain).any():
         return 0, math.nan
     has = np.isfinite(gain).any(0)
@@ -408,9 +412,9 @@ def _vanishing(history, norm, ratio, trend, layers, steps, stat, words) -> list[
     j = int(idx[0])
     k = int(idx[np.nanargmin(ratio[idx])])
     flagged = [steps[m] for m in idx]
-    below, median_gain = _gains_below_one(history)
+    below, median_gain = _gains_below_one(history, idx)
     gains = (
-        f" At {below} of {len(steps)} logged steps every layer's gain ‖δ^l‖ / ‖δ^(l+1)‖ was below 1"
+        f" At {below} of these {len(flagged)} steps every layer's gain ‖δ^l‖ / ‖δ^(l+1)‖ was below 1"
         f" (median gain {_g(median_gain)}): δ shrinks at each layer on its way back."
         if below
         else ""
@@ -562,17 +566,30 @@ def _findings(runs: Mapping[str, History], findings: Mapping[str, list[Finding]]
     return {name: (findings[name] if findings is not None else analyze(h)) for name, h in runs.items()}
 
 
-def format_report(runs: Mapping[str, History], findings: Mapping[str, list[Finding]] | None = None) -> str:
-    """The report as text: per run, its layers and steps, then each finding (analyzed here unless given)."""
+def format_report(
+    runs: Mapping[str, History], findings: Mapping[str, list[Finding]] | None = None, width: int = 100
+) -> str:
+    """The report as text: per run, its layers and steps, then each finding (analyzed here unless given),
+    problems in capitals, each wrapped to ``width`` columns."""
     findings = _findings(runs, findings)
     blocks = []
     for name, history in runs.items():
         layers, steps = history["layers"], history["steps"]
         span = f"{len(steps)} logged steps ({_span(steps)})" if steps else "no logged step"
-        lines = [f"run {name}: {len(layers)} layers ({', '.join(layers)}), {span}"]
+        shown = layers if len(layers) <= 8 else [*layers[:3], "…", *layers[-2:]]
+        lines = [f"run {name}: {len(layers)} layers ({', '.join(shown)}), {span}"]
         for f in findings[name]:
             label = f.kind.upper() if f.problem else f.kind
-            lines.append(f"  {label}: {f.message}")
+            lines.append(
+                textwrap.fill(
+                    f.message,
+                    width=width,
+                    initial_indent=f"  {label}: ",
+                    subsequent_indent="      ",
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
+            )
         blocks.append("\n".join(lines))
     problems = sum(f.problem for fs in findings.values() for f in fs)
     with_problems = [name for name, fs in findings.items() if any(f.problem for f in fs)]
