@@ -206,16 +206,20 @@ def test_wrong_shape_is_an_error_that_says_both():
 # --------------------------------------------------------------------------------------------------
 
 
-def write_run(path, norms: np.ndarray, layers=LAYERS, steps=STEPS, extra_tags=()):
-    """Events as a DeltaMonitor writes them: per step, the layers from the output side (backward order)."""
+def write_run(path, norms: np.ndarray, layers=LAYERS, steps=STEPS, extra_tags=(), order="backward", gains=False):
+    """Events as a DeltaMonitor writes them: per step, the layers from the output side (``order="backward"``),
+    or from the input side; with ``gains``, a delta_gain for every layer but the output layer."""
     from torch.utils.tensorboard import SummaryWriter
 
+    rows = range(len(layers))
     with SummaryWriter(str(path)) as writer:
         for j, step in enumerate(steps):
-            for i in reversed(range(len(layers))):
+            for i in reversed(rows) if order == "backward" else rows:
                 if np.isfinite(norms[i, j]):
                     writer.add_scalar(f"delta_sample_norm_mean/{layers[i]}", norms[i, j], step)
                     writer.add_scalar(f"delta_norm/{layers[i]}", 3 * norms[i, j], step)
+                    if gains and i < len(layers) - 1:
+                        writer.add_scalar(f"delta_gain/{layers[i]}", 0.5, step)
                 writer.add_scalar(f"delta_nonfinite/{layers[i]}", 0.0, step)
             for tag in extra_tags:
                 writer.add_scalar(tag, 1.0, step)
@@ -235,6 +239,16 @@ def test_read_logdir_runs_layers_steps_and_gaps(tmp_path):
         np.testing.assert_allclose(h["delta_sample_norm_mean"], norms, rtol=1e-6)  # float32 in the file
     assert math.isnan(runs["b/inner"]["delta_norm"][3, 2])
     assert kinds(report.analyze(runs["a"])) == ["vanishing"] and kinds(report.analyze(runs["b/inner"])) == ["ok"]
+
+
+@pytest.mark.parametrize("order", ["backward", "network"])
+def test_layer_order_from_the_gains(tmp_path, order):
+    """Events written input side first are recognised by the gains (the output layer has none)."""
+    write_run(tmp_path, geometric(0.3), order=order, gains=True)
+    h = report.read_logdir(tmp_path)["."]
+    assert h["layers"] == LAYERS
+    assert np.isnan(h["delta_gain"][-1]).all() and (h["delta_gain"][:-1] == 0.5).all()
+    assert kinds(report.analyze(h)) == ["vanishing"]
 
 
 def test_read_logdir_of_a_delta_monitor(tmp_path):

@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 #: The dict of :meth:`torchbp.DeltaMonitor.history` (see the module docstring).
-History = dict
+History = dict[str, Any]
 
 VANISHING_RATIO = 0.1
 EXPLODING_RATIO = 100.0
@@ -130,7 +130,11 @@ class Finding:
         kind: one of :data:`PROBLEMS`, or ``"zero_bias_gradient"``, ``"ok"`` (information).
         layers: the layers concerned, network order.
         steps: the logged steps concerned.
-        values: the evidence, one value per layer of ``layers`` (which statistic: ``stat``).
+        values: the evidence, one value per layer of ``layers``: ``vanishing`` and ``exploding`` (across the
+            layers), each layer's norm ``stat`` at the first step flagged; ``exploding`` (during training), each
+            layer's growth factor; ``dead_units``, the dead fraction at the last logged step; ``nonfinite``, the
+            number of steps with a non-finite δ; ``stalled``, (max − min) / max of ``stat`` over the steps;
+            ``zero_bias_gradient``, the median ‖Σ_n δ_n‖; ``ok``, each layer's norm at the last step.
         message: one paragraph in words, with the numbers.
         stat: the statistic ``values`` hold (e.g. ``"delta_sample_norm_mean"``).
     """
@@ -167,13 +171,26 @@ def _runs(path: str) -> list[str]:
     return sorted(runs)
 
 
+def _network_order(seen: list[str], series: Mapping[tuple[str, str], Any]) -> list[str]:
+    """The layers input side first, from the order the events first hold them (see :func:`read_logdir`).
+
+    The monitor writes the output side first. Only where the gains say otherwise (the first layer seen has a
+    gain, so a consumer, and the last one has none: the output layer) is the order seen kept."""
+    gains = {layer for stat, layer in series if stat == "delta_gain"}
+    if len(seen) >= 2 and seen[0] in gains and seen[-1] not in gains:
+        return list(seen)
+    return seen[::-1]
+
+
 def read_logdir(path: str | os.PathLike) -> dict[str, History]:
     """Read every run under ``path`` with TensorBoard's ``EventAccumulator``: ``{run: History}``.
 
     A run is a directory holding event files (``events.out.tfevents.*``), named by its path relative to
     ``path`` (``"."`` for ``path`` itself). Runs without δ statistics (``<stat>/<layer>`` tags) are left out.
     Layers come in network order: the monitor writes each step's layers output side first (the order
-    backward reaches them), so the reverse of the order in which the events first hold each layer.
+    backward reaches them), so the reverse of the order in which the events first hold each layer, unless
+    the gains show the order is already input side first (the output layer, which has no consumer, has no
+    ``delta_gain``).
 
     Raises:
         ReportError: ``path`` is missing or not a directory, holds no event files, or none with δ statistics.
@@ -209,7 +226,7 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
             series[stat, layer] = {event.step: event.value for event in acc.Scalars(tag)}  # last value per step
         if not series:
             continue
-        layers = seen[::-1]
+        layers = _network_order(seen, series)
         steps = sorted({step for values in series.values() for step in values})
         column = {step: j for j, step in enumerate(steps)}
         history: History = {"steps": steps, "layers": layers}
