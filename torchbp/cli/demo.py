@@ -478,9 +478,9 @@ def run(args: argparse.Namespace) -> int:
     print(file=out)
     if picture is not None:
         print(f"δ map (log10 ‖δ^l‖ per layer and logged step, both nets): {picture}", file=out)
+    print(f"What the δ statistics say: torchbp report {shlex.quote(os.fspath(args.logdir))}", file=out)
     print(f"TensorBoard logs (delta_norm/<layer>, delta_gain/<layer>, loss, accuracy): {args.logdir}", file=out)
-    print(f"  tensorboard --logdir {shlex.quote(os.fspath(args.logdir))}", file=out)
-    print(f"What the δ statistics say: torchbp report {shlex.quote(os.fspath(args.logdir))}", file=out, flush=True)
+    print(f"  tensorboard --logdir {shlex.quote(os.fspath(args.logdir))}", file=out, flush=True)
     return 0
 
 
