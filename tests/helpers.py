@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchbp.cli.check import TOLERANCES, quadratic_cost_formula
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
@@ -23,36 +25,9 @@ DEVICES = [
 DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
 REDUCTIONS = ("mean", "sum", "none")
 
-# Tolerances: |ours - torch| <= atol + rtol * |torch| element-wise, with atol = a * max(1, max|torch|) (the
-# absolute error of a sum of many terms, or of a difference that cancels, grows with the size of its terms,
-# and the largest reference value stands for that size; the inputs here are O(1), hence the floor of 1).
-#
-# float64: rtol 1e-12, a 1e-12. Two float64 computations of the same formula in a different order differ by a
-# few ulps per operation: the sums here have at most a few hundred terms, so |error| <= n * 2^-53 * Σ|terms|
-# stays below 1e-13 * scale, a margin of 10x. A float32 value anywhere on the path (a coefficient, a constant,
-# an intermediate) carries a relative error up to 2^-24 ≈ 6e-8, 10^4 times the tolerance: it fails.
-# Lower precisions: a relative tolerance, and an absolute one scaled the same way.
-_TOLERANCES = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-4, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-2),
-    torch.float16: (1e-3, 1e-3),
-}
-
-
-def quadratic_cost_formula(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-    """The seeds' C = 1/(2n) Σ_x ‖y(x) − a(x)‖², written with torch ops (the reference for quadratic_cost).
-
-    n is the batch size (dim 0) for inputs of two or more dims; a 1-D input is one sample. 'sum' drops
-    the 1/n; 'none' gives ½‖y − a‖² per sample. An empty batch gives nan for 'mean', like torch's losses.
-    """
-    half_sq = 0.5 * (target - input) ** 2
-    per_sample = half_sq.flatten(1).sum(1) if input.dim() >= 2 else half_sq.sum()
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample.mean()  # Σ_x / n
+# Tolerances per dtype, and the quadratic cost's formula: one definition, shared with ``torchbp check``; the
+# reasons for each tolerance are in torchbp/cli/check.py (TOLERANCES). The formula is torch ops, not torchbp.
+_TOLERANCES = TOLERANCES
 
 
 #: torch's counterparts of torchbp.functional, under the same names.

@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import torch
-from helpers import DEVICES
+from helpers import DEVICES, DTYPES, assert_matches_torch
 
-import torchbp.cli
-import torchbp.demo
+import torchbp.cli.check
+import torchbp.cli.demo
 import torchbp.functional
-from torchbp.cli import CASES, main
+from torchbp.cli import main
+from torchbp.cli.check import CASES
 
 FUNCTIONS = [case.name for case in CASES]
 
@@ -57,6 +58,22 @@ def test_every_function_listed():
         "binary_cross_entropy",
         "binary_cross_entropy_with_logits",
     ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_battery_cases_pass_the_suites_comparison(case, dtype):
+    """The battery's cases, through the test suite's own comparison (one definition of cases and tolerances)."""
+    args = case.make(torch.Generator().manual_seed(0))
+    args = {k: (v.to(dtype).requires_grad_(k in case.grads) if v.is_floating_point() else v) for k, v in args.items()}
+    assert_matches_torch(case.ours, case.ref, args)
+
+
+def test_one_definition_of_the_tolerances():
+    import helpers
+
+    assert helpers._TOLERANCES is torchbp.cli.check.TOLERANCES
+    assert helpers.quadratic_cost_formula is torchbp.cli.check.quadratic_cost_formula
 
 
 def test_python_m_torchbp_check():
@@ -211,7 +228,7 @@ def test_no_command_prints_help(capsys):
         (["demo", "--bogus"], "unrecognized arguments: --bogus"),
         (["check", "--dtype", "float16"], "--dtype: expected one of float32, float64, all, got 'float16'"),
         (["check", "--seed", "x"], "--seed: expected an integer, got 'x'"),
-        (["nonsense"], "COMMAND: expected one of demo, check, got 'nonsense'"),
+        (["nonsense"], "COMMAND: expected one of demo, check, report, got 'nonsense'"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -222,7 +239,7 @@ def test_usage_errors_say_what_was_expected_and_received(capsys, argv, message):
 
 def test_python_m_torchbp_demo_parses_as_torchbp_demo(capsys):
     with pytest.raises(SystemExit) as exc:
-        torchbp.demo.main(["--epochs", "abc"])
+        torchbp.cli.demo.main(["--epochs", "abc"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("torchbp demo: error: --epochs: expected a positive integer, got 'abc'")
 
@@ -232,7 +249,7 @@ def test_file_as_logdir_fails_at_once_named_as_typed(capsys, monkeypatch, tmp_pa
     """A file given as --logdir is named as the user typed it, before any data is loaded or imported."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
-    monkeypatch.setattr(torchbp.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    monkeypatch.setattr(torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
     typed = "afile/runs" if nested else "afile"
     problem = "'afile' is a file" if nested else "it is a file"
     err = usage_error(capsys, "demo", "--logdir", typed)
@@ -265,7 +282,7 @@ def test_file_as_logdir_fails_fast_in_a_fresh_process(tmp_path):
 def test_unwritable_run_directory_is_a_failure_before_training(capsys, tmp_path, monkeypatch):
     """--logdir is fine, but <logdir>/sigmoid is a file: exit status 1, the path named, nothing trained."""
     (tmp_path / "sigmoid").write_text("")
-    monkeypatch.setattr(torchbp.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    monkeypatch.setattr(torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
     assert main(["demo", "--logdir", str(tmp_path), "--no-progress"]) == 1
     captured = capsys.readouterr()
     expected = f"torchbp demo: error: cannot write TensorBoard logs to {str(tmp_path / 'sigmoid')!r} (in --logdir"
@@ -288,8 +305,8 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch, tmp_path, c
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torchbp.demo, "train", interrupted)
-    monkeypatch.setattr(torchbp.cli, "run_check", interrupted)
+    monkeypatch.setattr(torchbp.cli.demo, "train", interrupted)
+    monkeypatch.setattr(torchbp.cli.check, "run_check", interrupted)
     argv = ["demo", "--logdir", str(tmp_path), "--no-progress"] if command == "demo" else ["check"]
     assert main(argv) == 130
     err = capsys.readouterr().err
@@ -311,4 +328,4 @@ def test_output_piped_into_a_reader_that_stops_is_no_traceback():
 
 
 def test_plurals():
-    assert [torchbp.demo.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert [torchbp.cli.demo.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]

@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import DEVICES
 
-from torchbp import demo
+from torchbp.cli import demo
 
 pytest.importorskip("sklearn", reason="the demo needs scikit-learn: pip install 'torchbp[demo]'")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

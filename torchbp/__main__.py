@@ -2,6 +2,6 @@
 
 import sys
 
-from torchbp.cli import main
+from torchbp.cli.main import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-r"""The ``torchbp`` command: ``torchbp check`` (and ``python -m torchbp check``).
+r"""``torchbp check``: the parity battery (and ``python -m torchbp check``).
 
 ``torchbp check`` verifies an install on this machine's devices: every function of
 :mod:`torchbp.functional` against ``torch.nn.functional`` (``quadratic_cost`` against its formula
@@ -6,18 +6,16 @@ written with torch ops), forward value and every gradient, under a random upstre
 ``torch.autograd.gradcheck`` in float64. One table row per function x device x dtype; exit status 1
 on any mismatch.
 
-The command uses torchbp's public API only, like any user; nothing in torchbp imports this module.
-Each subcommand is one ``_add_<name>_parser(subparsers)`` function that registers its parser and sets
-``func`` (called with the parsed arguments, returns the exit status); :data:`_SUBCOMMANDS` lists them.
+The battery uses torchbp's public API only, like any user. :data:`CASES` and :data:`TOLERANCES` are
+the one definition of the battery's functions and of the tolerance per dtype; the test suite imports
+them from here. :func:`add_parser` registers the subcommand with :mod:`torchbp.cli.main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,27 +28,58 @@ from torch import Tensor
 import torchbp
 import torchbp.functional as bp
 
-__all__ = ["main"]
+from ._args import integer
+
+__all__ = ["CASES", "TOLERANCES", "Case", "run_check", "add_parser"]
 
 
 # --------------------------------------------------------------------------------------------------
 # torchbp check: the parity battery
 # --------------------------------------------------------------------------------------------------
 
-#: (rtol, atol) per dtype, the atol times max(1, max|reference|) (a sum of many terms carries an absolute
-#: error that grows with its terms). float64: 1e-12, as the tests: any float32 step on the way (6e-8
-#: relative) fails it. An element passes when |ours - torch| <= atol + rtol * |torch|.
+#: (rtol, atol) per dtype, the one definition used by ``torchbp check`` and by the test suite (tests/helpers.py).
+#: An element passes when |ours - torch| <= atol * max(1, max|torch|) + rtol * |torch|: the absolute error of
+#: a sum of many terms, or of a difference that cancels, grows with the size of its terms, and the largest
+#: reference value (over the finite elements) stands for that size; the inputs are O(1), hence the floor of 1.
+#:
+#: float64, rtol 1e-12, atol 1e-12: two float64 computations of one formula in a different order differ by a
+#: few ulps per operation; the sums here have at most a few hundred terms, so |error| <= n * 2^-53 * Σ|terms|
+#: stays below 1e-13 * scale, a margin of 10x. A float32 value anywhere on the path (a coefficient, a constant,
+#: an intermediate) carries a relative error up to 2^-24 ≈ 6e-8, 10^4 times the tolerance: it fails.
+#:
+#: float32, rtol 1e-5, atol 1e-5: the same reasoning one precision down. An element-wise chain of ten
+#: operations in another order is off by ~10 * 2^-24 ≈ 6e-7 relative, 16x inside 1e-5; sums are covered by
+#: the scaled atol. A half-precision step on a float32 path (float16 ≈ 5e-4, bfloat16 ≈ 4e-3 relative) is
+#: 50x or more outside it and fails. (A rtol of 1e-4 would pass every comparison too, with no case that needs
+#: it: measured on CPU over the whole test suite's float32 comparisons, torch 2.13.)
+#:
+#: bfloat16 and float16 (the tests' autocast and low-precision cases; ``torch check`` runs float32 and
+#: float64): a relative tolerance of a few units of their precision, and an absolute one scaled the same way.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-12, 1e-12),
     torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (1e-3, 1e-3),
 }
 
+#: The dtypes ``torchbp check --dtype`` offers.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def quadratic_cost_formula(input: Tensor, target: Tensor) -> Tensor:
-    """The seeds' C = 1/(2n) Σ_x ‖y(x) − a(x)‖² with torch ops: 0.5 * ((a - y)**2).sum() / N."""
-    return 0.5 * ((input - target) ** 2).sum() / input.shape[0]
+def quadratic_cost_formula(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Nielsen's quadratic cost C = 1/(2n) Σ_x ‖y(x) − a(x)‖², written with torch ops (the reference for
+    ``quadratic_cost``, which torch does not have).
+
+    n is the batch size (dim 0) for inputs of two or more dims; a 1-D input is one sample. 'sum' drops
+    the 1/n; 'none' gives ½‖y − a‖² per sample. An empty batch gives nan for 'mean', like torch's losses.
+    """
+    half_sq = 0.5 * (target - input) ** 2
+    per_sample = half_sq.flatten(1).sum(1) if input.dim() >= 2 else half_sq.sum()
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()  # Σ_x / n
 
 
 @dataclass(frozen=True)
@@ -422,7 +451,7 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(_devices(args.device), dtypes, seed=args.seed, verbose=args.verbose)
 
 
-def _add_check_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     functions = ", ".join(case.name for case in CASES)
     p = subparsers.add_parser(
         "check",
@@ -441,7 +470,11 @@ def _add_check_parser(subparsers: Any) -> None:
             "worst grad = the gradient closest to (or past) its tolerance; "
             "gradcheck = torch.autograd.gradcheck of torchbp's backward against finite differences "
             "(float64 rows only, '-' for float32). Tolerances: |torchbp - torch| <= atol + rtol*|torch|, "
-            "float64 rtol=1e-12, atol=1e-12*max(1, max|torch|), float32 rtol=1e-5, atol=1e-5*max(1, max|torch|). "
+            + ", ".join(
+                f"{name} rtol={TOLERANCES[d][0]:g}, atol={TOLERANCES[d][1]:g}*max(1, max|torch|)"
+                for name, d in (("float64", torch.float64), ("float32", torch.float32))
+            )
+            + ". "
             "TF32 matmuls are turned off during the check. "
             "Exit status: 0 all rows passed, 1 any mismatch or gradcheck failure, 2 usage error."
         ),
@@ -459,106 +492,9 @@ def _add_check_parser(subparsers: Any) -> None:
         help="dtype(s) to check; gradcheck runs in float64 only (default: all)",
     )
     p.add_argument(
-        "--seed", type=_integer, default=0, help="seed of the random inputs and upstream gradients (default: 0)"
+        "--seed", type=integer, default=0, help="seed of the random inputs and upstream gradients (default: 0)"
     )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="also print the errors of the forward value and each gradient"
     )
     p.set_defaults(func=_check)
-
-
-# --------------------------------------------------------------------------------------------------
-# The command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _add_demo_parser(subparsers: Any) -> None:
-    from . import demo
-
-    p = subparsers.add_parser(
-        "demo",
-        help="train sigmoid and ReLU MLPs on the digits data and show how δ propagates (TensorBoard logs, δ map)",
-        description=demo.DESCRIPTION,
-        epilog=demo.EPILOG,
-    )
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
-
-
-#: One ``_add_<name>_parser(subparsers)`` per subcommand; each sets ``func`` to ``(args) -> exit status``.
-_SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo_parser, _add_check_parser)
-
-#: What argparse's own messages mean by a type's name.
-_TYPE_WORDS = {"int": "an integer", "float": "a number"}
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def plain_message(message: str) -> str:
-    """argparse's message in the house style: ``--epochs: expected a positive integer, got 'abc'``."""
-    message = message.removeprefix("argument ")
-    choice = re.search(r"invalid choice: (.*?) \(choose from (.*)\)$", message)
-    if choice:
-        message = f"{message[: choice.start()]}expected one of {choice[2].replace(chr(39), '')}, got {choice[1]}"
-    value = re.search(r"invalid (\w+) value: (.*)$", message)
-    if value:
-        kind = _TYPE_WORDS.get(value[1], f"a value of type {value[1]}")
-        message = f"{message[: value.start()]}expected {kind}, got {value[2]}"
-    return message
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with every usage error as one line: ``torchbp <command>: error: <message>``, exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {plain_message(message)} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="torchbp",
-        description="torchbp: backpropagation written by hand (BP1-BP4) as PyTorch autograd Functions.",
-        epilog="Exit status: 0 done, 1 a failure, 2 a usage error, 130 interrupted (Ctrl-C).",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"torchbp {torchbp.__version__} (torch {torch.__version__})"
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_parser in _SUBCOMMANDS:
-        add_parser(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torchbp`` console script; returns the exit status.
-
-    0: done; 1: a failure (a mismatch, a missing package); 2: a usage error (argparse raises
-    ``SystemExit(2)`` after printing ``torchbp <command>: error: <message>``); 130: interrupted by Ctrl-C,
-    which prints one line, ``torchbp <command>: interrupted``, instead of a traceback.
-    """
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # named by the subcommand that was given them, not by "torchbp"
-        prog = f"torchbp {args.command}" if args.command else "torchbp"
-        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)\n")
-    if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        sys.stdout.flush()
-        print(f"torchbp {args.command}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except BrokenPipeError:  # output piped into a reader that stopped (torchbp check | head): no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's docs' recipe: no error at exit
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
