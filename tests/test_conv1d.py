@@ -77,6 +77,26 @@ def test_forward_is_transformers_to_the_bit(Conv1D):
     assert torch.equal(converted(ref)(x), ref(x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_equals_transformers(Conv1D, device):
+    """Under torch.autocast transformers' torch.addmm runs in the autocast dtype; so does ours: the same bits."""
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    ref = Conv1D(6, 4).to(device)
+    ours = converted(ref)
+
+    def call(module):  # forward under autocast, backward outside it (as torch.autocast's documentation asks)
+        def forward(input, weight, bias):
+            with torch.autocast(device, dtype=dtype):
+                return functional_call(module, {"weight": weight, "bias": bias}, (input,))
+
+        return forward
+
+    x = torch.randn(3, 5, 4, device=device, requires_grad=True)
+    inputs = {"input": x, "weight": ref.weight, "bias": ref.bias}
+    assert call(ours)(**inputs).dtype == dtype
+    assert_matches_torch(call(ours), call(ref), inputs, rtol=0, atol=0)
+
+
 def test_gradcheck_and_gradgradcheck_float64():
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
@@ -258,6 +278,8 @@ def test_converted_gpt2_gives_the_same_logits_loss_and_gradients(gpt2, Conv1D, d
     kinds = {n: type(m) for n, m in ours.named_modules() if isinstance(m, (Conv1D, nn.Linear))}
     assert kinds == {**dict.fromkeys(CONV1D_NAMES, torchbp.nn.Conv1D), "lm_head": torchbp.nn.Linear}  # 9 layers
     ids = torch.randint(0, VOCAB, (3, 7), device=device)
+    with torch.no_grad():  # the same ops on the same views: the same bits
+        assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
     assert_same_run(ours, ref, ids, "eager")
 
 
