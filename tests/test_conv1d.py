@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICES, DTYPES, assert_close_labelled, assert_matches_torch
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call
 
 import torchbp
@@ -283,26 +284,8 @@ def test_converted_gpt2_gives_the_same_logits_loss_and_gradients(gpt2, Conv1D, d
     assert_same_run(ours, ref, ids, "eager")
 
 
-def test_compiled_converted_gpt2_gives_the_same_results(gpt2):
-    """torch.compile(fullgraph=True) (aot_eager backend: Dynamo and AOTAutograd trace the Functions and their
-    backward) of the converted GPT-2, against the original run eagerly."""
-    ref = copy.deepcopy(gpt2)
-    ours = converted(ref)
-    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
-    ids = torch.randint(0, VOCAB, (2, 6))
-    assert_same_run(compiled, ref, ids, "compiled")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_monitor_records_every_conv1d_by_name_and_the_mlp_gain(gpt2, Conv1D, device):
-    ref = copy.deepcopy(gpt2).to(device)
-    ours = converted(ref)
-    oracle = Oracle(ref, Conv1D)
-    ids = torch.randint(0, VOCAB, (3, 7), device=device)
-    causal_lm_loss(ref(input_ids=ids).logits, ids).backward()
-    with torchbp.DeltaMonitor(ours) as monitor:
-        causal_lm_loss(ours(input_ids=ids).logits, ids).backward()
-        stats = monitor.latest()
+def assert_monitor_matches(stats, oracle: Oracle, ours) -> None:
+    """Every recorded statistic of every layer against δ from the oracle (the original model's hooks)."""
     assert set(stats) == {*CONV1D_NAMES, "lm_head"}
     assert ours.lm_head.weight is ours.transformer.wte.weight  # tied: its .grad also holds the embedding's
     for name, d in oracle.delta.items():
@@ -324,6 +307,38 @@ def test_monitor_records_every_conv1d_by_name_and_the_mlp_gain(gpt2, Conv1D, dev
         for stat, value in expected.items():
             ours_value = stats[name][stat]
             assert math.isclose(ours_value, value, rel_tol=REL), f"{name} {stat}: {ours_value}, torch {value}"
+
+
+def test_compiled_converted_gpt2_gives_the_same_results_and_statistics(gpt2, Conv1D):
+    """torch.compile(fullgraph=True) (aot_eager backend: Dynamo and AOTAutograd trace the Functions and their
+    backward) of the converted GPT-2, against the original run eagerly; then with a DeltaMonitor attached (its
+    first step runs eagerly to read the data flow, the second compiled), every statistic against the oracle."""
+    ref = copy.deepcopy(gpt2)
+    ours = converted(ref)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ours, fullgraph=True, backend=counter)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert_same_run(compiled, ref, ids, "compiled")
+    ref.zero_grad()
+    oracle = Oracle(ref, Conv1D)
+    causal_lm_loss(ref(input_ids=ids).logits, ids).backward()
+    with torchbp.DeltaMonitor(ours) as monitor:
+        for _ in range(2):
+            causal_lm_loss(compiled(input_ids=ids).logits, ids).backward()
+        assert counter.frame_count == 2  # (the monitored step ran compiled: one recompile, for the slots)
+        assert_monitor_matches(monitor.latest(), oracle, ours)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_monitor_records_every_conv1d_by_name_and_the_mlp_gain(gpt2, Conv1D, device):
+    ref = copy.deepcopy(gpt2).to(device)
+    ours = converted(ref)
+    oracle = Oracle(ref, Conv1D)
+    ids = torch.randint(0, VOCAB, (3, 7), device=device)
+    causal_lm_loss(ref(input_ids=ids).logits, ids).backward()
+    with torchbp.DeltaMonitor(ours) as monitor:
+        causal_lm_loss(ours(input_ids=ids).logits, ids).backward()
+        assert_monitor_matches(monitor.latest(), oracle, ours)
 
 
 def test_monitor_per_sample_weight_gradient_norms(Conv1D):
