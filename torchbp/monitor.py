@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _events, functional
-from .nn import Linear, ReLU
+from .nn import ReLU, is_monitored_layer
 
 __all__ = ["DeltaMonitor", "STATS"]
 
@@ -410,7 +410,7 @@ class DeltaMonitor:
                 raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
         if scaler is not None and not hasattr(scaler, "get_scale"):
             raise TypeError(f"DeltaMonitor: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+        layers = {name: m for name, m in model.named_modules() if is_monitored_layer(m)}
         if not layers:
             plain = [name or "<model>" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
             hint = (

@@ -8,9 +8,12 @@ gives the same weights), ``repr`` and ``isinstance(m, torch.nn.Linear)`` are tor
 
 from __future__ import annotations
 
+import sys
+
 from torch import Tensor, nn
 
 from . import functional as F
+from .conv1d import _conv1d
 
 __all__ = [
     "Sequential",
@@ -23,6 +26,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "convert",
+    "is_monitored_layer",
 ]
 
 
@@ -225,6 +229,80 @@ class Sequential(nn.Sequential):
         return input
 
 
+# --------------------------------------------------------------------------------------------------
+# transformers' Conv1D (GPT-2). Its torchbp subclass is made the first time it is needed, so that
+# torchbp never imports transformers itself: a model holding a Conv1D has imported it already.
+# --------------------------------------------------------------------------------------------------
+
+_HF_CONV1D_MODULE = "transformers.pytorch_utils"
+_conv1d_class: type[nn.Module] | None = None
+
+
+def _hf_conv1d() -> type[nn.Module] | None:
+    """``transformers.pytorch_utils.Conv1D`` when transformers is imported already, else ``None`` (no import)."""
+    module = sys.modules.get(_HF_CONV1D_MODULE)
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def _torchbp_conv1d() -> type[nn.Module]:
+    """:class:`torchbp.nn.Conv1D`, the subclass of transformers' Conv1D with torchbp's backward (made once)."""
+    global _conv1d_class
+    if _conv1d_class is None:
+        from transformers.pytorch_utils import Conv1D as HFConv1D
+
+        class Conv1D(HFConv1D):
+            r"""Applies :math:`z = a W + b` with ``W`` stored (in, out), as ``transformers.pytorch_utils.Conv1D``
+            (GPT-2's projections), with backward from BP2-BP4 (:class:`torchbp.conv1d.Conv1DFunction`).
+
+            Constructor (``nf`` outputs, ``nx`` inputs), parameters, ``state_dict`` keys and layout, ``repr``
+            and ``isinstance(m, transformers.pytorch_utils.Conv1D)`` are transformers' own; :func:`convert`
+            swaps it into a model. ``in_features`` and ``out_features`` name ``nx`` and ``nf`` as
+            :class:`Linear` does, for the :class:`~torchbp.DeltaMonitor`.
+
+            Shape:
+                - Input: ``(*, nx)``.
+                - Output: ``(*, nf)``.
+            """
+
+            _torchbp_slot = None  # set by a DeltaMonitor while it watches this layer
+
+            @property
+            def in_features(self) -> int:
+                return self.weight.shape[0]
+
+            @property
+            def out_features(self) -> int:
+                return self.nf
+
+            def forward(self, x: Tensor) -> Tensor:
+                return _conv1d(x, self.weight, self.bias, self._torchbp_slot)
+
+        Conv1D.__module__, Conv1D.__qualname__ = __name__, "Conv1D"  # (pickle finds it as torchbp.nn.Conv1D)
+        _conv1d_class = Conv1D
+    return _conv1d_class
+
+
+def __getattr__(name: str):
+    if name == "Conv1D":  # (made on first use: only this imports transformers)
+        try:
+            return _torchbp_conv1d()
+        except ImportError as e:
+            raise AttributeError(
+                f"torchbp.nn.Conv1D is transformers' Conv1D with torchbp's backward: it needs transformers ({e}); "
+                "install it with pip install transformers"
+            ) from e
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_monitored_layer(m: nn.Module) -> bool:
+    """Whether a :class:`~torchbp.DeltaMonitor` records δ of ``m``: a :class:`Linear` or a converted Conv1D.
+
+    Each such layer has ``_torchbp_slot``, ``in_features``, ``out_features``, ``weight`` and ``bias``, and its
+    Function's backward calls ``slot.record(delta, input, grad_weight, grad_bias)``.
+    """
+    return isinstance(m, Linear) or (_conv1d_class is not None and isinstance(m, _conv1d_class))
+
+
 _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear,
     nn.Sigmoid: Sigmoid,
@@ -240,7 +318,9 @@ def convert(module: nn.Module) -> nn.Module:
     r"""Make every ``torch.nn`` layer and loss that torchbp replaces use torchbp's backward, in place.
 
     Converts ``Linear``, ``Sigmoid``, ``ReLU``, ``MSELoss``, ``CrossEntropyLoss``, ``BCELoss`` and
-    ``BCEWithLogitsLoss`` anywhere inside ``module`` (``module`` itself included), recursively, and
+    ``BCEWithLogitsLoss`` anywhere inside ``module`` (``module`` itself included), recursively, Hugging Face's
+    ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections) to :class:`torchbp.nn.Conv1D` where
+    transformers is imported (torchbp never imports it), and
     ``Sequential`` to :class:`torchbp.nn.Sequential` (its runs of Linear and activation layers then run as
     one Function, the backprop loop). Only those exact classes are converted; subclasses (which may have a
     forward of their own) are left alone. Each converted module keeps its identity, its Parameter and buffer objects, hooks and
@@ -270,20 +350,27 @@ def convert(module: nn.Module) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert(): expected a torch.nn.Module, got {type(module).__name__}")
     converted = already = False
+    hf_conv1d = _hf_conv1d()
     for m in module.modules():
         if type(m) is nn.Sequential:  # runs of torchbp layers in it then run as one Function (the backprop loop)
             m.__class__ = Sequential
         new_class = _REPLACEMENTS.get(type(m))
+        if new_class is None and hf_conv1d is not None and type(m) is hf_conv1d:
+            new_class = _torchbp_conv1d()
         if new_class is not None:
             # The torchbp class adds only a forward to torch's, so the object stays valid as it is.
             m.__class__ = new_class
             converted = True
-        elif type(m) in _REPLACEMENTS.values() or type(m) in (QuadraticCost, Sequential):
+        elif (
+            type(m) in _REPLACEMENTS.values()
+            or type(m) in (QuadraticCost, Sequential)
+            or (_conv1d_class is not None and type(m) is _conv1d_class)
+        ):
             already = True
     if not converted and not already:
         import warnings
 
-        looked_for = ", ".join(f"torch.nn.{cls.__name__}" for cls in _REPLACEMENTS)
+        looked_for = ", ".join(f"torch.nn.{cls.__name__}" for cls in _REPLACEMENTS) + f", {_HF_CONV1D_MODULE}.Conv1D"
         warnings.warn(
             f"torchbp.convert(): found nothing to convert in {type(module).__name__}: it converts {looked_for} "
             "(those exact classes, not subclasses); the model is returned unchanged and runs torch's backward",
