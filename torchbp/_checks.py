@@ -13,12 +13,14 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import _torch_private
+
 
 def is_traced(*tensors: Tensor | None) -> bool:
     """True under torch.compile or inside a torch.func transform, where data-dependent checks can't run."""
     if torch.compiler.is_compiling():
         return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    wrapped = _torch_private.is_functorch_wrapped
     return any(t is not None and wrapped(t) for t in tensors)
 
 
@@ -100,7 +102,7 @@ def check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != device:
             check_device("linear", input, name, t)
-        if t is not None and t.dtype != dtype and not torch._C._is_any_autocast_enabled():
+        if t is not None and t.dtype != dtype and not _torch_private.any_autocast_enabled():
             check_dtype("linear", input, name, t)
 
 

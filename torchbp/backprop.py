@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _torch_private
 from .equations import linear_backward, linear_jvp, relu_backward, sigmoid_backward
-from .functions import _TRACEABLE, _without_jvp
+from .functions import _TRACEABLE, _apply, _without_jvp
 
 __all__ = ["ChainFunction"]
 
@@ -69,7 +70,7 @@ def _holding_saved_tensors() -> tuple[list[_Held], Any, Any]:
     """saved_tensors_hooks that pack each saved tensor into a :class:`_Held` (on top of any hooks in effect,
     e.g. ``save_on_cpu``), and a list that unpacking fills with the holders, in the order of the saved tensors."""
     unpacked: list[_Held] = []
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer = _torch_private.top_saved_tensors_hooks()
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
     def pack(t: Tensor) -> _Held:
@@ -102,7 +103,7 @@ class _LoopTensors:
         n = ctx.plan.n
         self.ins, self.acts, self.weights = saved[:n], saved[n : 2 * n], saved[2 * n :]
         self.holders = None
-        if unpacked is not None and not torch._C._autograd._get_current_graph_task_keep_graph():
+        if unpacked is not None and not _torch_private.graph_task_keeps_graph():
             holders = iter(unpacked)  # one per saved tensor that is not None
             self.holders = [next(holders) if t is not None else None for t in saved[: 2 * n]]
 
@@ -230,3 +231,18 @@ _TRACEABLE[id(ChainFunction)] = _without_jvp(ChainFunction)
 
 # The holders of the saved tensors of the ChainFunction being applied (read by its setup_context).
 _holding: list[list] = []
+
+
+def apply_chain(input: Tensor, layers: tuple, params: list[Tensor | None]) -> Tensor:
+    """The run's output, ``ChainFunction`` applied; with grad on, in eager mode, its saved tensors held so that its
+    backward releases each layer's as it passes (:class:`_LoopTensors`)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _torch_private.functorch_transforms_active():
+        return _apply(ChainFunction, input, layers, *params)[0]
+    held, pack, unpack = _holding_saved_tensors()
+    _holding.append(held)
+    _torch_private.push_saved_tensors_hooks(pack, unpack)
+    try:
+        return _apply(ChainFunction, input, layers, *params)[0]
+    finally:
+        _torch_private.pop_saved_tensors_hooks()
+        _holding.pop()

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _torch_private
+
 __all__ = [
     "linear_backward",
     "sigmoid_backward",
@@ -117,7 +119,7 @@ def _select_by_bits_applies(grad: Tensor, a: Tensor) -> bool:
         or a.dtype not in _BITS
         or grad.dtype != a.dtype  # (a saved-tensor hook may change a's dtype)
         or grad.is_neg()
-        or torch._C._functorch.is_legacy_batchedtensor(grad)  # autograd.grad(is_grads_batched=True): no bit views
+        or _torch_private.is_legacy_batched(grad)  # autograd.grad(is_grads_batched=True): no bit views
     )
 
 
@@ -378,8 +380,8 @@ def _differentiated() -> bool:
     """
     return (
         torch.is_grad_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or torch.autograd.forward_ad._current_level >= 0  # (the innermost open dual level; -1: none)
+        or _torch_private.functorch_transforms_active()
+        or _torch_private.forward_ad_active()
     )
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks
-from .backprop import LINEAR, RELU, SIGMOID, ChainFunction, _holding, _holding_saved_tensors
+from . import _checks, _torch_private
+from .backprop import LINEAR, RELU, SIGMOID, ChainFunction, apply_chain
 from .equations import (
     binary_cross_entropy_backward,
     binary_cross_entropy_with_logits_backward,
@@ -89,7 +89,7 @@ _monitors = 0
 def _autocast(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Cast floating tensors as torch.autocast would (``dtype=None``: the autocast dtype), else no-op."""
     first = tensors[0]
-    if not torch._C._is_any_autocast_enabled() or not torch.is_autocast_enabled(first.device.type):
+    if not _torch_private.any_autocast_enabled() or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = dtype or torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
@@ -136,18 +136,9 @@ def _chain(input: Tensor, layers: tuple, params: list[Tensor | None]) -> Tensor:
     of torchbp Linear and activation layers. Checked as each layer's own call would be."""
     if not _chain_applies(input, layers, params):
         return _per_op(input, layers, params)  # (the per-op path raises the Linear's own error)
-    if torch._C._is_any_autocast_enabled():
+    if _torch_private.any_autocast_enabled():
         input, *params = _autocast(None, input, *params)
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return _apply(ChainFunction, input, layers, *params)[0]
-    held, pack, unpack = _holding_saved_tensors()
-    _holding.append(held)
-    torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
-    try:
-        out = _apply(ChainFunction, input, layers, *params)[0]
-    finally:
-        torch._C._autograd._pop_saved_tensors_default_hooks()
-        _holding.pop()
+    out = apply_chain(input, layers, params)
     if _monitors:
         _discover_chain(input, layers)
     return out
@@ -158,7 +149,7 @@ def _chain_applies(input: Tensor, layers: tuple, params: list[Tensor | None]) ->
     if not isinstance(input, Tensor) or not input.dim():
         return False
     features, dtype, device = input.shape[-1], input.dtype, input.device
-    autocast = torch._C._is_any_autocast_enabled()
+    autocast = _torch_private.any_autocast_enabled()
     p = 0
     for kind, slot in layers:
         if kind == LINEAR:

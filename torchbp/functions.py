@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _torch_private
 from .equations import (
     _difference_tangent,
     _directional_derivative,
@@ -40,9 +41,6 @@ __all__ = [
 ]
 
 
-_base_apply = torch._C._FunctionBase.__dict__["apply"]
-
-
 def _apply(fn: type[torch.autograd.Function], *args):
     """``fn.apply(*args)``; in plain eager mode without ``Function.apply``'s Python prologue.
 
@@ -53,9 +51,9 @@ def _apply(fn: type[torch.autograd.Function], *args):
     """
     if torch.compiler.is_compiling():
         return _TRACEABLE.get(id(fn), fn).apply(*args)  # (without its jvp: Dynamo traces no custom jvp)
-    if torch._C._are_functorch_transforms_active():
+    if _torch_private.functorch_transforms_active():
         return fn.apply(*args)
-    return _base_apply.__get__(None, fn)(*args)
+    return _torch_private.function_apply_without_prologue(fn)(*args)
 
 
 class LinearFunction(torch.autograd.Function):

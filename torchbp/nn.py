@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import functional as F
+from ._torch_private import global_module_hooks_present
 
 __all__ = [
     "Sequential",
@@ -145,17 +146,6 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(
-        module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
-    )
-
-
 class Sequential(nn.Sequential):
     r""":class:`torch.nn.Sequential` that runs each run of torchbp layers as one Function: the backprop loop.
 
@@ -182,7 +172,7 @@ class Sequential(nn.Sequential):
     def _plan(self) -> list[nn.Module | tuple[nn.Module, ...]]:
         """The modules in order, each run of layers (see the class) as one tuple."""
         modules = list(self._modules.values())
-        if not self.chain or _global_hooks():
+        if not self.chain or global_module_hooks_present():
             return modules
         plan: list[nn.Module | tuple[nn.Module, ...]] = []
         i = 0
