@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _torch_private
 from .equations import linear_backward, linear_jvp, relu_backward, sigmoid_backward
-from .functions import _TRACEABLE, _apply, _without_jvp
+from .functions import _TRACEABLE, HandWrittenFunction, _apply, _save, _without_jvp
 
 __all__ = ["ChainFunction"]
 
@@ -115,7 +115,7 @@ class _LoopTensors:
             self.ins[i] = self.acts[i] = None
 
 
-class ChainFunction(torch.autograd.Function):
+class ChainFunction(HandWrittenFunction):
     r"""A run of layers, z^l = w^l a^{l-1} + b^l and a^l = σ(z^l), as one Function; backward is the backprop loop.
 
     ``layers`` is a tuple of ``(kind, slot)``: ``("linear", slot)`` (``slot``: the monitor's record of the layer
@@ -124,8 +124,6 @@ class ChainFunction(torch.autograd.Function):
     too, so that a double backward differentiates through them). It saves what the per-op Functions save (a^{l-1} where BP4 needs it, w^l where BP2 does,
     each activation's output), so memory is the same; the per-op Python cost is paid once per run.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input: Tensor, layers: tuple, *params: Tensor | None):
@@ -166,10 +164,8 @@ class ChainFunction(torch.autograd.Function):
             a = out
         if plan.kinds[-1] != LINEAR and flows:
             acts[-1] = output[0]  # the last activation's σ'(z) needs the run's output
-        ctx.save_for_backward(*ins, *acts, *weights)
-        ctx.save_for_forward(input, *[t for t in params if t is not None], *output)  # (None is not kept)
+        _save(ctx, (*ins, *acts, *weights), (input, *[t for t in params if t is not None], *output))  # (None: not kept)
         ctx.present = tuple(t is not None for t in params)
-        ctx.set_materialize_grads(False)
         ctx.layers, ctx.plan, ctx.held = layers, plan, _holding[-1] if _holding else None
         last = layers[-1][1] if plan.kinds[-1] == LINEAR else None
         ctx.slot = last  # the Linear whose output z is the run's output (a ReLU after it records its dead units)

@@ -77,10 +77,6 @@ __all__ = [
     "ChainFunction",
 ]
 
-# The number of attached DeltaMonitors (see torchbp.monitor). While it is 0, no forward pass does any
-# monitoring work.
-_monitors = 0
-
 # ==================================================================================================
 # The public functions: torch.nn.functional's signatures; validate (torchbp._checks), then apply.
 # ==================================================================================================
@@ -139,8 +135,8 @@ def _chain(input: Tensor, layers: tuple, params: list[Tensor | None]) -> Tensor:
     if _torch_private.any_autocast_enabled():
         input, *params = _autocast(None, input, *params)
     out = apply_chain(input, layers, params)
-    if _monitors:
-        _discover_chain(input, layers)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        _discover_chain(input, layers)  # (only while a monitored layer's slot is discovering)
     return out
 
 
@@ -211,16 +207,14 @@ def sigmoid(input: Tensor) -> Tensor:
 def _relu(input: Tensor, inplace: bool, slot=None) -> Tensor:
     """relu(), handing the monitor's record of the Linear that produced ``input`` (if any) to backward.
 
-    ``slot`` is the ReLU module's own monitor record (:class:`torchbp.nn.ReLU`), which remembers that
-    Linear for compiled runs; in eager mode the Linear is read from the autograd graph.
+    ``slot`` is the ReLU module's own monitor record (:class:`torchbp.nn.ReLU`, a
+    :class:`torchbp.slots.ReLUSlot`), which remembers that Linear for compiled runs; in eager mode the Linear is
+    read from the autograd graph. Without one (the functional call), no dead units are recorded.
     """
     _checks.check_tensor("relu", "input", input)
-    if _monitors and not torch.compiler.is_compiling():
-        producer = getattr(input.grad_fn, "slot", None)
-        if slot is not None:
-            slot.target = producer
-        slot = producer
-    elif slot is not None:
+    if slot is not None:  # a ReLU module a monitor watches (a torchbp.slots.ReLUSlot)
+        if not torch.compiler.is_compiling():
+            slot.target = getattr(input.grad_fn, "slot", None)  # the LayerSlot of the Linear (run) that made input
         slot = slot.target
     return _apply(ReLUFunction, input, inplace, slot)
 

@@ -8,11 +8,14 @@ their arguments as checked by the public functions of :mod:`torchbp.functional`,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _torch_private
+from .slots import LayerSlot
 from .equations import (
     _difference_tangent,
     _directional_derivative,
@@ -30,6 +33,7 @@ from .equations import (
 )
 
 __all__ = [
+    "HandWrittenFunction",
     "LinearFunction",
     "SigmoidFunction",
     "ReLUFunction",
@@ -39,6 +43,44 @@ __all__ = [
     "BCEFunction",
     "BCEWithLogitsFunction",
 ]
+
+
+# ==================================================================================================
+# What every Function below shares, written once.
+# ==================================================================================================
+
+
+class HandWrittenFunction(torch.autograd.Function):
+    """The base of torchbp's Functions: each backward is written by hand from the equations.
+
+    ``vmap`` runs a Function's forward and backward over the batch (``generate_vmap_rule``): they are plain torch
+    ops. Each ``setup_context`` ends with :func:`_save`; each ``backward`` is wrapped in
+    :func:`_none_for_undefined`.
+    """
+
+    generate_vmap_rule = True
+
+
+def _save(ctx, for_backward: tuple[Tensor | None, ...], for_jvp: tuple[Tensor | None, ...]) -> None:
+    """Save ``for_backward`` (``ctx.saved_tensors`` in backward) and ``for_jvp`` (``ctx.saved_tensors`` in jvp,
+    held during forward only), and turn ``materialize_grads`` off: a missing tangent (jvp) or upstream
+    gradient (backward) arrives as ``None``, not as zeros."""
+    ctx.save_for_backward(*for_backward)
+    ctx.save_for_forward(*for_jvp)
+    ctx.set_materialize_grads(False)
+
+
+def _none_for_undefined(backward):
+    """``backward``, except that an undefined upstream gradient (``None``: materialize_grads is off) sends no
+    gradient to any input."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, grad, *more):
+        if grad is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return backward(ctx, grad, *more)
+
+    return wrapper
 
 
 def _apply(fn: type[torch.autograd.Function], *args):
@@ -56,20 +98,18 @@ def _apply(fn: type[torch.autograd.Function], *args):
     return _torch_private.function_apply_without_prologue(fn)(*args)
 
 
-class LinearFunction(torch.autograd.Function):
+class LinearFunction(HandWrittenFunction):
     r"""z^l = a^{l-1} (w^l)^T + b^l; backward is BP2's (w^l)^T δ^l, BP3 and BP4 (:func:`linear_backward`).
 
     Forward mode: dz = da w^T + a dw^T + db (:func:`linear_jvp`).
 
-    ``slot`` is ``None``, or the record of a :class:`torchbp.DeltaMonitor` for this layer: backward
-    hands it δ^l and the gradients it has just computed (``slot.record``), which it reduces to the
-    layer's statistics with tensor ops.
+    ``slot`` is ``None``, or the record of a :class:`torchbp.DeltaMonitor` for this layer (a
+    :class:`torchbp.slots.LayerSlot`): backward hands it δ^l and the gradients it has just computed
+    (``slot.record``), which it reduces to the layer's statistics with tensor ops.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, slot=None) -> Tensor:
+    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, slot: LayerSlot | None = None) -> Tensor:
         z = F.linear(input, weight, bias)
         # For 1-D and N-D inputs F.linear returns a reshaped view of its 2-D product; a custom
         # Function's output must not be a view if it is to be modified in place (ReLU(inplace=True)).
@@ -81,16 +121,13 @@ class LinearFunction(torch.autograd.Function):
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         keep_input = need_weight or (slot is not None and slot.needs_input)
         # Save only what a requested gradient needs: BP2 needs w, BP4 needs a^{l-1}.
-        ctx.save_for_backward(input if keep_input else None, weight if need_input else None)
-        ctx.save_for_forward(input, weight)  # (held until jvp has run, during forward only)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (input if keep_input else None, weight if need_input else None), (input, weight))
         ctx.slot = slot
         ctx.bias_shape = None if bias is None or bias.shape == weight.shape[:1] else bias.shape
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, delta: Tensor):  # delta = δ^l = ∂C/∂z^l
-        if delta is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None, None, None, None
         input, weight = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input, grad_weight, grad_bias = linear_backward(
@@ -106,10 +143,8 @@ class LinearFunction(torch.autograd.Function):
         return linear_jvp(input, weight, d_input, d_weight, d_bias)  # dz = da w^T + a dw^T + db
 
 
-class SigmoidFunction(torch.autograd.Function):
+class SigmoidFunction(HandWrittenFunction):
     r"""a = σ(z); backward multiplies by σ'(z) = σ(z)(1 − σ(z)), from the saved output a; so does forward mode."""
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input: Tensor) -> Tensor:
@@ -117,14 +152,11 @@ class SigmoidFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)  # σ(z): its derivative needs nothing else
-        ctx.save_for_forward(output)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (output,), (output,))  # σ(z): its derivative needs nothing else
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, grad: Tensor) -> Tensor:
-        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None
         (a,) = ctx.saved_tensors
         return sigmoid_backward(grad, a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
 
@@ -134,7 +166,7 @@ class SigmoidFunction(torch.autograd.Function):
         return sigmoid_backward(d_input, a)  # dσ = σ'(z) ⊙ dz: σ'(z) is diagonal, the product of BP2
 
 
-class ReLUFunction(torch.autograd.Function):
+class ReLUFunction(HandWrittenFunction):
     r"""a = max(z, 0); backward multiplies by σ'(z) = 1[z > 0] (0 at z = 0, as torch), from the output.
 
     ``slot`` is ``None``, or the monitor's record of the Linear whose output z this is: backward
@@ -142,10 +174,8 @@ class ReLUFunction(torch.autograd.Function):
     Forward mode: da = 1[z > 0] ⊙ dz; in place (``inplace=True``) it overwrites dz, as the forward overwrites z.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(input: Tensor, inplace: bool = False, slot=None) -> Tensor:
+    def forward(input: Tensor, inplace: bool = False, slot: LayerSlot | None = None) -> Tensor:
         if inplace:
             input.relu_()
             return input  # (the input itself, as torch.compile wants a dirty input returned)
@@ -156,16 +186,13 @@ class ReLUFunction(torch.autograd.Function):
         input, inplace, slot = inputs
         if inplace:
             ctx.mark_dirty(input)
-        ctx.save_for_backward(output)  # a > 0 exactly where z > 0; torch's relu saves the same
-        ctx.save_for_forward(output)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (output,), (output,))  # a > 0 exactly where z > 0; torch's relu saves the same
         ctx.inplace = inplace
         ctx.dead_slot = slot
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, grad: Tensor):
-        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None, None, None
         (a,) = ctx.saved_tensors
         if ctx.dead_slot is not None:
             ctx.dead_slot.record_relu(a)  # the monitor counts the units with σ'(z) = 0 for every sample
@@ -179,13 +206,11 @@ class ReLUFunction(torch.autograd.Function):
         return relu_backward(d_input, a)  # da = σ'(z) ⊙ dz: σ'(z) is diagonal, the product of BP2
 
 
-class MSELossFunction(torch.autograd.Function):
+class MSELossFunction(HandWrittenFunction):
     r"""C = reduce(w (a − y)^2): ``mean`` divides by the number of elements (by Σw when weighted).
 
     Forward mode: dC = ⟨∇_a C, da − dy⟩ + ⟨∂C/∂w, dw⟩, with backward's gradients.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
@@ -197,15 +222,12 @@ class MSELossFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, weight, reduction = inputs
-        ctx.save_for_backward(input, target, weight)
-        ctx.save_for_forward(input, target, weight, output)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (input, target, weight), (input, target, weight, output))
         ctx.reduction = reduction
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, grad: Tensor):
-        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None, None, None, None
         input, target, weight = ctx.saved_tensors
         grad_a, grad_weight = mse_loss_backward(input, target, weight, ctx.reduction, grad, ctx.needs_input_grad[2])
         return (
@@ -225,10 +247,8 @@ class MSELossFunction(torch.autograd.Function):
         return _directional_derivative(loss, ctx.reduction, (), (grad_a, d_diff), (grad_w, d_weight))
 
 
-class QuadraticCostFunction(torch.autograd.Function):
+class QuadraticCostFunction(HandWrittenFunction):
     r"""Nielsen's quadratic cost C = 1/(2n) Σ_x ‖y(x) − a(x)‖²; ∇_a C = (a − y)/n; dC = ⟨(a − y)/n, da − dy⟩."""
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
@@ -239,15 +259,12 @@ class QuadraticCostFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, reduction = inputs
-        ctx.save_for_backward(input, target)
-        ctx.save_for_forward(input, target, output)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (input, target), (input, target, output))
         ctx.reduction = reduction
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, grad: Tensor):
-        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None, None, None
         input, target = ctx.saved_tensors
         grad_a = quadratic_cost_backward(input, target, ctx.reduction, grad)  # BP1: ∇_a C = (a − y)/n
         return (
@@ -264,7 +281,7 @@ class QuadraticCostFunction(torch.autograd.Function):
         return _directional_derivative(cost, ctx.reduction, sample, (grad_a, _difference_tangent(d_input, d_target)))
 
 
-class CrossEntropyFunction(torch.autograd.Function):
+class CrossEntropyFunction(HandWrittenFunction):
     r"""Softmax with cross-entropy. C = −Σ_c q_c log softmax(z)_c, reduced; δ^L = softmax(z) Σq − q.
 
     See :func:`cross_entropy_backward`. Without weights and smoothing, δ^L = softmax(z) − y (BP1 for the
@@ -272,8 +289,6 @@ class CrossEntropyFunction(torch.autograd.Function):
     sample's classes for ``'none'``. C is linear in the class weights (they are differentiable for probability
     targets only, where the mean does not divide by them), so its derivative along dw is C with the weights dw.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored=True):
@@ -284,15 +299,12 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored = inputs
-        ctx.save_for_backward(input, target, weight)
-        ctx.save_for_forward(input, target, weight, output)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (input, target, weight), (input, target, weight, output))
         ctx.options = ignore_index, reduction, label_smoothing, maybe_ignored
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, grad: Tensor):
-        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None, None, None, None, None, None, None
         z, target, weight = ctx.saved_tensors
         ignore_index, reduction, eps, maybe_ignored = ctx.options
         delta, grad_target, grad_weight = cross_entropy_backward(
@@ -318,14 +330,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dc  # dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩ + ⟨∂C/∂w, dw⟩
 
 
-class BCEFunction(torch.autograd.Function):
+class BCEFunction(HandWrittenFunction):
     r"""Cross-entropy on sigmoid outputs (Nielsen's cost): C = −w [y log a + (1 − y) log(1 − a)].
 
     ∇_a C = w (a − y) / (a (1 − a)); after the sigmoid's σ'(z) = a(1 − a) this is δ^L = a − y.
     Forward mode: dC = ⟨∇_a C, da⟩ + ⟨∂C/∂y, dy⟩; the weight is a constant, as torch's backward has it.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, target, weight, reduction):
@@ -334,15 +344,12 @@ class BCEFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, weight, reduction = inputs
-        ctx.save_for_backward(input, target, weight)
-        ctx.save_for_forward(input, target, weight, output)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (input, target, weight), (input, target, weight, output))
         ctx.reduction = reduction
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, grad: Tensor):
-        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None, None, None, None
         a, y, weight = ctx.saved_tensors
         grad_a, grad_y = binary_cross_entropy_backward(a, y, weight, ctx.reduction, grad, *ctx.needs_input_grad[:2])
         return grad_a, grad_y, None, None  # BP1: ∇_a C
@@ -356,15 +363,13 @@ class BCEFunction(torch.autograd.Function):
         return _directional_derivative(loss, ctx.reduction, (), (grad_a, d_input), (grad_y, d_target))
 
 
-class BCEWithLogitsFunction(torch.autograd.Function):
+class BCEWithLogitsFunction(HandWrittenFunction):
     r"""Sigmoid and binary cross-entropy in one: C = −w [p y log σ(z) + (1 − y) log(1 − σ(z))].
 
     The σ'(z) of BP1 cancels the cost's 1/(a(1 − a)): δ^L = w [(p y + 1 − y) σ(z) − p y],
     which is σ(z) − y without weights. Forward mode: dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩; the weight and the
     pos_weight are constants, as torch's backward has them.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, target, weight, pos_weight, reduction):
@@ -373,15 +378,12 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, weight, pos_weight, reduction = inputs
-        ctx.save_for_backward(input, target, weight, pos_weight)
-        ctx.save_for_forward(input, target, weight, pos_weight, output)
-        ctx.set_materialize_grads(False)  # None, not zeros, for a missing tangent (jvp) or gradient (backward)
+        _save(ctx, (input, target, weight, pos_weight), (input, target, weight, pos_weight, output))
         ctx.reduction = reduction
 
     @staticmethod
+    @_none_for_undefined
     def backward(ctx, grad: Tensor):
-        if grad is None:  # an undefined upstream gradient (materialize_grads is off): none flows back
-            return None, None, None, None, None
         z, y, weight, pos_weight = ctx.saved_tensors
         grad_z, grad_y = binary_cross_entropy_with_logits_backward(
             z, y, weight, pos_weight, ctx.reduction, grad, *ctx.needs_input_grad[:2]
