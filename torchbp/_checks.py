@@ -53,6 +53,9 @@ def check_float(fn: str, name: str, t: Tensor) -> None:
         raise NotImplementedError(f"{fn}(): expected a floating-point {name}, got dtype {t.dtype}; use {name}.float()")
 
 
+REDUCTIONS = ("none", "mean", "sum")
+
+
 def resolve_reduction(fn: str, reduction: str, size_average: bool | None = None, reduce: bool | None = None) -> str:
     """The reduction string, from the legacy ``size_average``/``reduce`` pair when one is given."""
     if size_average is not None or reduce is not None:
@@ -190,11 +193,25 @@ def check_class_indices(input: Tensor, target: Tensor, n_classes: int, ignore_in
 
 
 def within_0_1(t: Tensor) -> bool:
-    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()  # one host read; NaN fails, as in torch
-    return lo >= 0 and hi <= 1
+    lo, hi = torch.aminmax(t.detach())
+    lo, hi = (lo.item(), hi.item()) if t.is_cpu else torch.stack((lo, hi)).tolist()  # (CUDA: one host read)
+    return lo >= 0 and hi <= 1  # NaN fails, as in torch
 
 
 def check_binary(fn: str, input, target, weight, reduction, size_average, reduce, pos_weight=None) -> str:
+    if (  # the common call, plain tensors of one shape and one device, in few checks
+        weight is None
+        and pos_weight is None
+        and size_average is None
+        and reduce is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and reduction in REDUCTIONS
+        and target.shape == input.shape
+        and input.is_floating_point()
+        and target.device == input.device
+    ):
+        return reduction
     check_tensor(fn, "input", input)
     check_tensor(fn, "target", target)
     check_tensor(fn, "weight", weight, optional=True)
@@ -224,6 +241,17 @@ def check_binary(fn: str, input, target, weight, reduction, size_average, reduce
 
 def check_mse_loss(input, target, weight, reduction, size_average, reduce) -> str:
     """Validate mse_loss's arguments; returns the reduction."""
+    if (  # the common call, plain tensors of one shape and one device, in few checks
+        weight is None
+        and size_average is None
+        and reduce is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and reduction in REDUCTIONS
+        and target.shape == input.shape
+        and target.device == input.device
+    ):
+        return reduction
     for name, t in (("input", input), ("target", target)):
         check_tensor("mse_loss", name, t)
     check_tensor("mse_loss", "weight", weight, optional=True)

@@ -256,7 +256,8 @@ def mse_loss(
         weight: per-element weights, the shape of ``input``. Default: ``None``.
     """
     reduction = _checks.check_mse_loss(input, target, weight, reduction, size_average, reduce)
-    input, target = torch.broadcast_tensors(input, target)
+    if target.shape != input.shape:
+        input, target = torch.broadcast_tensors(input, target)
     input, target, weight = _autocast(torch.float32, input, target, weight)
     return _apply(MSELossFunction, input, target, weight, reduction)
 
@@ -311,12 +312,16 @@ def cross_entropy(
         label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution. Default: ``0.0``.
     """
     maybe_ignored = _checks.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
-    reduction = _checks.resolve_reduction("cross_entropy", reduction, size_average, reduce)
-    label_smoothing = max(label_smoothing, 0.0)  # torch smooths only when label_smoothing > 0
-    if not target.is_floating_point():
-        _checks.check_not_differentiable("cross_entropy", weight=weight)
-        target = target.long() if input.dim() > 1 or target.dim() == 0 else target.long().reshape(())
-    input, target, weight = _autocast(torch.float32, input, target, weight)
+    if size_average is not None or reduce is not None or reduction not in _checks.REDUCTIONS:
+        reduction = _checks.resolve_reduction("cross_entropy", reduction, size_average, reduce)
+    if label_smoothing < 0:
+        label_smoothing = 0.0  # torch smooths only when label_smoothing > 0
+    if target.dtype is not torch.int64 or weight is not None or input.dim() == 1:  # (not the common call)
+        if not target.is_floating_point():
+            _checks.check_not_differentiable("cross_entropy", weight=weight)
+            target = target.long() if input.dim() > 1 or target.dim() == 0 else target.long().reshape(())
+    if _torch_private.any_autocast_enabled():
+        input, target, weight = _autocast(torch.float32, input, target, weight)
     return _apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored)
 
 
