@@ -226,6 +226,9 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+_TORCHBP = frozenset(_REPLACEMENTS.values()) | {QuadraticCost, Sequential}
+
+
 def convert(module: nn.Module) -> nn.Module:
     r"""Make every ``torch.nn`` layer and loss that torchbp replaces use torchbp's backward, in place.
 
@@ -260,18 +263,25 @@ def convert(module: nn.Module) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert(): expected a torch.nn.Module, got {type(module).__name__}")
     converted = already = False
+    sequentials = []
     for m in module.modules():
-        if type(m) is nn.Sequential:  # runs of torchbp layers in it then run as one Function (the backprop loop)
+        cls = type(m)
+        if cls is nn.Sequential:  # runs of torchbp layers in it then run as one Function (the backprop loop)
             m.__class__ = Sequential
-        new_class = _REPLACEMENTS.get(type(m))
+            sequentials.append(m)  # (a container: it counts as converted only with a torchbp layer in the model)
+            continue
+        new_class = _REPLACEMENTS.get(cls)
         if new_class is not None:
             # The torchbp class adds only a forward to torch's, so the object stays valid as it is.
             m.__class__ = new_class
             converted = True
-        elif type(m) in _REPLACEMENTS.values() or type(m) in (QuadraticCost, Sequential):
+        elif cls in _TORCHBP:
             already = True
     if not converted and not already:
         import warnings
+
+        for m in sequentials:  # nothing of torchbp's would run in them: the model stays exactly as it was
+            m.__class__ = nn.Sequential
 
         looked_for = ", ".join(f"torch.nn.{cls.__name__}" for cls in _REPLACEMENTS)
         warnings.warn(
