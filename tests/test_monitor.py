@@ -13,6 +13,7 @@ Also here: the event files read back with TensorBoard's ``EventAccumulator``, th
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -35,7 +36,6 @@ from helpers import DEVICES
 from torch import nn
 
 import torchbp
-import torchbp.functional as BF
 
 # The documented statistics (DeltaMonitor's docstring and issue 3, section 1), also its TensorBoard tag prefixes.
 STATS = (
@@ -141,6 +141,11 @@ def assert_stats_match(ours: dict, expected: dict, rel: float = REL, label: str 
 def monitored(model: nn.Module) -> list[str]:
     """The layers of ``model`` that carry a monitor's slot right now."""
     return [name for name, m in model.named_modules() if m.__dict__.get("_torchbp_slot") is not None]
+
+
+def attached_monitors() -> int:
+    """How many DeltaMonitors are attached to a model right now (the monitor objects alive, found by the gc)."""
+    return sum(1 for o in gc.get_objects() if isinstance(o, torchbp.DeltaMonitor) and o._attached)
 
 
 def bp_copy(torch_model: nn.Module) -> nn.Module:
@@ -521,18 +526,18 @@ def test_histogram_interval_default_and_off(tmp_path, every, histogram_every, st
 
 def test_context_manager_flushes_and_closes(tmp_path):
     model = bp_copy(relu_mlp()[0])
-    before = BF._monitors
+    before = attached_monitors()
     with torchbp.DeltaMonitor(model, log=tmp_path, every=5, histogram_every=1) as monitor:
         for _ in range(3):
             model(torch.randn(4, 6)).sum().backward()
-        assert BF._monitors == before + 1
+        assert attached_monitors() == before + 1
         assert set(monitored(model)) >= set(monitor.layers)
     ea = read_events(tmp_path)
     assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
     assert [h.step for h in ea.Histograms("delta/0")] == [0, 1, 2], "histograms not on disk after exit"
     assert monitor.writer.file_writer is None, "the monitor's own SummaryWriter is not closed on exit"
     assert monitored(model) == []
-    assert BF._monitors == before
+    assert attached_monitors() == before
 
 
 def test_summary_writer_passed_in_is_used_flushed_and_left_open(tmp_path):
@@ -580,7 +585,7 @@ def test_summary_writer_passed_in_is_used_flushed_and_left_open(tmp_path):
 def test_detach_stops_recording_and_attach_resumes(tmp_path):
     model = bp_copy(relu_mlp()[0])
     linears = [m for m in model.modules() if isinstance(m, torchbp.nn.Linear)]
-    before = BF._monitors
+    before = attached_monitors()
     monitor = torchbp.DeltaMonitor(model, log=tmp_path, every=1)
     try:
         assert len([m for m in linears if m._torchbp_slot is not None]) == len(linears)
@@ -589,7 +594,7 @@ def test_detach_stops_recording_and_attach_resumes(tmp_path):
         last = monitor.latest()
         monitor.detach()
         assert monitored(model) == []
-        assert BF._monitors == before
+        assert attached_monitors() == before
         for _ in range(2):
             model(torch.randn(4, 6)).sum().backward()
         assert monitor.step == 1 and monitor.latest() == last
@@ -599,7 +604,7 @@ def test_detach_stops_recording_and_attach_resumes(tmp_path):
     finally:
         monitor.close()
     assert sorted(scalar_series(read_events(tmp_path), "delta_norm/0")) == [0, 1, 2]
-    assert BF._monitors == before
+    assert attached_monitors() == before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -843,14 +848,14 @@ def test_unwritable_log_directory_fails_before_training(tmp_path, kind):
     blocker.write_text("not a directory")
     path = blocker / "logs" if kind == "parent_is_a_file" else blocker
     model = bp_copy(sigmoid_mlp()[0])
-    before = BF._monitors
+    before = attached_monitors()
     with pytest.raises(OSError) as info:
         torchbp.DeltaMonitor(model, log=path)
     assert str(path) in str(info.value), f"the error does not name the path: {info.value}"
     assert "DeltaMonitor" in str(info.value)
     # Nothing was attached: the model trains exactly as without a monitor.
     assert monitored(model) == []
-    assert BF._monitors == before
+    assert attached_monitors() == before
 
 
 def test_model_without_torchbp_linear():
@@ -889,7 +894,7 @@ def test_bad_log_argument():
 def test_second_monitor_on_a_monitored_layer_fails_and_leaves_nothing_behind():
     """A failed constructor must not leave taps on the layers it reached before the error."""
     model = bp_copy(Nested())  # layers in order: encoder.fc1, encoder.fc2, head
-    before = BF._monitors
+    before = attached_monitors()
     first = torchbp.DeltaMonitor(model.head)
     try:
         with pytest.raises(RuntimeError, match="already monitored"):
@@ -900,7 +905,7 @@ def test_second_monitor_on_a_monitored_layer_fails_and_leaves_nothing_behind():
         first.close()
     leftover = monitored(model)
     assert not leftover, f"slots left behind by the failed DeltaMonitor: {leftover}"
-    assert BF._monitors == before
+    assert attached_monitors() == before
     torchbp.DeltaMonitor(model).close()  # the model can be monitored again
 
 
@@ -942,7 +947,7 @@ def test_off_means_off(device, tmp_path):
     model[0].weight.requires_grad_(False)  # with x not requiring grad: layer 0 needs nothing saved
     pristine = copy.deepcopy(model)  # never monitored
     x = torch.randn(5, 6, device=device)
-    before = BF._monitors
+    before = attached_monitors()
 
     baseline, out = saved_tensors(pristine, x)
     assert graph_taps(out) == []
@@ -958,7 +963,7 @@ def test_off_means_off(device, tmp_path):
     assert monitor.step == 0
     monitor.close()
 
-    assert BF._monitors == before
+    assert attached_monitors() == before
     assert monitored(model) == []
     after, out = saved_tensors(model, x)
     assert after == baseline, f"saved tensors after close {after}, never monitored {baseline}"
@@ -968,16 +973,16 @@ def test_off_means_off(device, tmp_path):
 
 
 def test_two_monitors_count_back_to_zero():
-    before = BF._monitors
+    before = attached_monitors()
     a, b = bp_copy(sigmoid_mlp()[0]), bp_copy(relu_mlp()[0])
     ma, mb = torchbp.DeltaMonitor(a), torchbp.DeltaMonitor(b)
-    assert BF._monitors == before + 2
+    assert attached_monitors() == before + 2
     assert set(monitored(a)) >= set(ma.layers) and set(monitored(b)) >= set(mb.layers)
     ma.close()
     ma.close()  # idempotent
-    assert BF._monitors == before + 1 and monitored(a) == []
+    assert attached_monitors() == before + 1 and monitored(a) == []
     mb.close()
-    assert BF._monitors == before == 0 and monitored(b) == []
+    assert attached_monitors() == before == 0 and monitored(b) == []
 
 
 def test_own_writer_is_a_summary_writer_on_disk_after_flush(tmp_path):

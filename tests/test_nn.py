@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -481,3 +482,19 @@ def test_optimizer_built_before_convert_still_trains(device):
     assert losses[-1] < 0.8 * losses[0], losses
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # torch.nn's trajectory (float32)
+
+
+def test_convert_warns_for_a_sequential_of_other_layers():
+    """A Sequential holding no layer torchbp converts: the warning, and the model left exactly as it was."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh())
+    with pytest.warns(UserWarning, match=r"found nothing to convert in Sequential: it converts torch\.nn\.Linear, "):
+        assert torchbp.convert(model) is model
+    assert type(model) is nn.Sequential and [type(m) for m in model] == [nn.Conv2d, nn.Tanh]
+    nested = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Tanh())
+    with pytest.warns(UserWarning, match="found nothing to convert"):
+        torchbp.convert(nested)
+    assert type(nested) is nn.Sequential and type(nested[0]) is nn.Sequential
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a torchbp layer in it: no warning, the Sequential runs the loop
+        model = torchbp.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)))
+    assert type(model) is bnn.Sequential and type(model[2]) is bnn.Linear

@@ -1,6 +1,9 @@
 """torchbp: backpropagation written by hand from BP1-BP4, checkable against PyTorch, and visible.
 
-- :mod:`torchbp.functional`: autograd Functions with hand-written backward passes.
+- :mod:`torchbp.equations`: BP1-BP4 and each cost's δ^L as plain tensor functions (the first file to read).
+- :mod:`torchbp.functions`: the per-op autograd Functions that call them; :mod:`torchbp.backprop`: the backprop
+  loop, a run of layers as one Function.
+- :mod:`torchbp.functional`: the public ``torch.nn.functional``-style functions that apply them.
 - :mod:`torchbp.nn`: drop-in ``torch.nn`` layers and losses built on them, a ``Sequential`` that runs a run of
   layers as one Function (the backprop loop); :func:`convert`.
 - :class:`DeltaMonitor`: the per-layer error δ^l = ∂C/∂z^l, recorded in backward, logged to TensorBoard.

@@ -13,12 +13,14 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import _torch_private
+
 
 def is_traced(*tensors: Tensor | None) -> bool:
     """True under torch.compile or inside a torch.func transform, where data-dependent checks can't run."""
     if torch.compiler.is_compiling():
         return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    wrapped = _torch_private.is_functorch_wrapped
     return any(t is not None and wrapped(t) for t in tensors)
 
 
@@ -49,6 +51,9 @@ def check_dtype(fn: str, input: Tensor, name: str, other: Tensor | None) -> None
 def check_float(fn: str, name: str, t: Tensor) -> None:
     if not t.is_floating_point():  # torch's kernels: "not implemented for 'Long'"
         raise NotImplementedError(f"{fn}(): expected a floating-point {name}, got dtype {t.dtype}; use {name}.float()")
+
+
+REDUCTIONS = ("none", "mean", "sum")
 
 
 def resolve_reduction(fn: str, reduction: str, size_average: bool | None = None, reduce: bool | None = None) -> str:
@@ -100,7 +105,7 @@ def check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != device:
             check_device("linear", input, name, t)
-        if t is not None and t.dtype != dtype and not torch._C._is_any_autocast_enabled():
+        if t is not None and t.dtype != dtype and not _torch_private.any_autocast_enabled():
             check_dtype("linear", input, name, t)
 
 
@@ -188,11 +193,25 @@ def check_class_indices(input: Tensor, target: Tensor, n_classes: int, ignore_in
 
 
 def within_0_1(t: Tensor) -> bool:
-    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()  # one host read; NaN fails, as in torch
-    return lo >= 0 and hi <= 1
+    lo, hi = torch.aminmax(t.detach())
+    lo, hi = (lo.item(), hi.item()) if t.is_cpu else torch.stack((lo, hi)).tolist()  # (CUDA: one host read)
+    return lo >= 0 and hi <= 1  # NaN fails, as in torch
 
 
 def check_binary(fn: str, input, target, weight, reduction, size_average, reduce, pos_weight=None) -> str:
+    if (  # the common call, plain tensors of one shape and one device, in few checks
+        weight is None
+        and pos_weight is None
+        and size_average is None
+        and reduce is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and reduction in REDUCTIONS
+        and target.shape == input.shape
+        and input.is_floating_point()
+        and target.device == input.device
+    ):
+        return reduction
     check_tensor(fn, "input", input)
     check_tensor(fn, "target", target)
     check_tensor(fn, "weight", weight, optional=True)
@@ -222,6 +241,17 @@ def check_binary(fn: str, input, target, weight, reduction, size_average, reduce
 
 def check_mse_loss(input, target, weight, reduction, size_average, reduce) -> str:
     """Validate mse_loss's arguments; returns the reduction."""
+    if (  # the common call, plain tensors of one shape and one device, in few checks
+        weight is None
+        and size_average is None
+        and reduce is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and reduction in REDUCTIONS
+        and target.shape == input.shape
+        and target.device == input.device
+    ):
+        return reduction
     for name, t in (("input", input), ("target", target)):
         check_tensor("mse_loss", name, t)
     check_tensor("mse_loss", "weight", weight, optional=True)

@@ -43,7 +43,6 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import google_crc32c
 import numpy as np
 
 FLUSH_INTERVAL_S = 0.05
@@ -68,6 +67,8 @@ def masked_crc32c(data: bytes) -> int:
     The CRC-32C (Castagnoli) itself is ``google_crc32c.value(data)`` (hardware instructions where the CPU
     has them).
     """
+    import google_crc32c  # (here, not at the top: import torchbp loads it only once a monitor writes)
+
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 

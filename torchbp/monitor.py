@@ -512,7 +512,6 @@ class DeltaMonitor:
             for p in layer.parameters(recurse=False):
                 if p.requires_grad:
                     self._handles.append(p.register_hook(self._parameter_hook))
-        functional._monitors += 1
         self._attached = True
         self._start_discovery()
         return self
@@ -529,7 +528,6 @@ class DeltaMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        functional._monitors -= 1
         self._attached = False
 
     def flush(self) -> None:

@@ -13,6 +13,7 @@ import sys
 from torch import Tensor, nn
 
 from . import functional as F
+from ._torch_private import global_module_hooks_present
 from .conv1d import _conv1d
 
 __all__ = [
@@ -149,23 +150,12 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(
-        module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
-    )
-
-
 class Sequential(nn.Sequential):
     r""":class:`torch.nn.Sequential` that runs each run of torchbp layers as one Function: the backprop loop.
 
     A run is two or more consecutive :class:`Linear`, :class:`Sigmoid` and :class:`ReLU` modules, starting
     with a Linear, none with hooks of its own (and no global module hooks). It runs as one
-    :class:`torchbp.functional.ChainFunction`, whose backward is the backpropagation algorithm of the seeds
+    :class:`torchbp.backprop.ChainFunction`, whose backward is the backpropagation algorithm of the seeds
     (Nielsen's ``backprop()``): δ^L, then for each layer from the last, BP3, BP4 and
     δ^{l-1} = (w^l)^T δ^l ⊙ σ'(z^{l-1}). Results, gradients, memory and the :class:`~torchbp.DeltaMonitor`'s
     statistics are those of the per-op path (one Function per layer), which every other module takes; the
@@ -186,7 +176,7 @@ class Sequential(nn.Sequential):
     def _plan(self) -> list[nn.Module | tuple[nn.Module, ...]]:
         """The modules in order, each run of layers (see the class) as one tuple."""
         modules = list(self._modules.values())
-        if not self.chain or _global_hooks():
+        if not self.chain or global_module_hooks_present():
             return modules
         plan: list[nn.Module | tuple[nn.Module, ...]] = []
         i = 0
@@ -314,6 +304,9 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+_TORCHBP = frozenset(_REPLACEMENTS.values()) | {QuadraticCost, Sequential}
+
+
 def convert(module: nn.Module) -> nn.Module:
     r"""Make every ``torch.nn`` layer and loss that torchbp replaces use torchbp's backward, in place.
 
@@ -351,24 +344,27 @@ def convert(module: nn.Module) -> nn.Module:
         raise TypeError(f"convert(): expected a torch.nn.Module, got {type(module).__name__}")
     converted = already = False
     hf_conv1d = _hf_conv1d()
+    sequentials = []
     for m in module.modules():
-        if type(m) is nn.Sequential:  # runs of torchbp layers in it then run as one Function (the backprop loop)
+        cls = type(m)
+        if cls is nn.Sequential:  # runs of torchbp layers in it then run as one Function (the backprop loop)
             m.__class__ = Sequential
-        new_class = _REPLACEMENTS.get(type(m))
-        if new_class is None and hf_conv1d is not None and type(m) is hf_conv1d:
+            sequentials.append(m)  # (a container: it counts as converted only with a torchbp layer in the model)
+            continue
+        new_class = _REPLACEMENTS.get(cls)
+        if new_class is None and hf_conv1d is not None and cls is hf_conv1d:
             new_class = _torchbp_conv1d()
         if new_class is not None:
             # The torchbp class adds only a forward to torch's, so the object stays valid as it is.
             m.__class__ = new_class
             converted = True
-        elif (
-            type(m) in _REPLACEMENTS.values()
-            or type(m) in (QuadraticCost, Sequential)
-            or (_conv1d_class is not None and type(m) is _conv1d_class)
-        ):
+        elif cls in _TORCHBP or (_conv1d_class is not None and cls is _conv1d_class):
             already = True
     if not converted and not already:
         import warnings
+
+        for m in sequentials:  # nothing of torchbp's would run in them: the model stays exactly as it was
+            m.__class__ = nn.Sequential
 
         looked_for = ", ".join(f"torch.nn.{cls.__name__}" for cls in _REPLACEMENTS) + f", {_HF_CONV1D_MODULE}.Conv1D"
         warnings.warn(

@@ -1,0 +1,154 @@
+"""Every use of torch's private API in torchbp, each behind a small function that says why.
+
+The rest of torchbp reads as if torch had these as public API. Each function below was checked on torch 2.13.0
+(the version ``pyproject.toml`` requires at least); where a public API does the same, the function uses it or
+names it as the one to move to. A torch upgrade that breaks one of these breaks it here, in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "any_autocast_enabled",
+    "functorch_transforms_active",
+    "forward_ad_active",
+    "is_legacy_batched",
+    "is_functorch_wrapped",
+    "function_apply_without_prologue",
+    "top_saved_tensors_hooks",
+    "push_saved_tensors_hooks",
+    "pop_saved_tensors_hooks",
+    "graph_task_keeps_graph",
+    "global_module_hooks_present",
+    "current_graph_task_id",
+    "queue_end_of_backward_callback",
+    "force_compile_eager",
+    "restore_compile_stance",
+]
+
+TORCH_CHECKED = "2.13.0"  # the torch version every function below was checked on
+
+# -- autocast ---------------------------------------------------------------------------------------
+
+#: Whether autocast is on for any device type: one C call, where the public ``torch.is_autocast_enabled(device)``
+#: needs the device and is slower; the public functions skip their casting with it. Checked on torch 2.13.0;
+#: public: ``torch.is_autocast_enabled(device_type)`` per device.
+any_autocast_enabled: Callable[[], bool] = torch._C._is_any_autocast_enabled
+
+
+# -- transforms and forward-mode AD ------------------------------------------------------------------
+
+#: Whether a torch.func transform (grad, vmap, jacrev, jvp, ...) is active: the one-buffer fast paths and the
+#: cheap apply must then stay off. Checked on torch 2.13.0; no public API.
+functorch_transforms_active: Callable[[], bool] = torch._C._are_functorch_transforms_active
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (the innermost level is >= 0; -1: none): the
+    equations may then be differentiated in forward mode. Checked on torch 2.13.0; no public API."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+#: Whether a tensor is a legacy batched tensor (``autograd.grad(is_grads_batched=True)``), which has no integer
+#: bit views. Checked on torch 2.13.0; no public API.
+is_legacy_batched: Callable[[Tensor], bool] = torch._C._functorch.is_legacy_batchedtensor
+
+#: Whether a tensor is wrapped by a torch.func transform (its values are not known: data-dependent checks must
+#: not run; a monitor must not record). Checked on torch 2.13.0; no public API.
+is_functorch_wrapped: Callable[[Tensor], bool] = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+# -- applying a Function -------------------------------------------------------------------------------
+
+_BASE_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def function_apply_without_prologue(fn: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """``fn.apply`` without its Python prologue: the C ``apply`` of ``torch._C._FunctionBase``, bound to ``fn``.
+
+    ``Function.apply`` binds the arguments to ``forward``'s signature on every call (for default values) and
+    routes torch.func transforms; when every argument is passed and no transform is active, the C apply does
+    the same work in half the per-call time. Checked on torch 2.13.0; public: ``fn.apply``.
+    """
+    return _BASE_APPLY.__get__(None, fn)
+
+
+# -- saved tensors --------------------------------------------------------------------------------------
+
+
+def top_saved_tensors_hooks() -> tuple[Callable, Callable] | None:
+    """The ``(pack, unpack)`` saved-tensor hooks in effect (e.g. ``save_on_cpu``), or ``None``: the backprop loop
+    packs on top of them, as nested ``saved_tensors_hooks`` would replace them. Checked on torch 2.13.0;
+    no public API (``torch.autograd.graph.saved_tensors_hooks`` sets hooks but cannot read them)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+def push_saved_tensors_hooks(pack: Callable, unpack: Callable) -> None:
+    """Enter saved-tensor hooks without a context-manager object (per call of the backprop loop). Checked on
+    torch 2.13.0; public: ``torch.autograd.graph.saved_tensors_hooks(pack, unpack)``, which calls this."""
+    torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def pop_saved_tensors_hooks() -> None:
+    """Leave the hooks of :func:`push_saved_tensors_hooks`. Checked on torch 2.13.0; public: as above."""
+    torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+def graph_task_keeps_graph() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``): the backprop loop then must not
+    release its saved tensors. Checked on torch 2.13.0; no public API."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+# -- module hooks ---------------------------------------------------------------------------------------
+
+
+def global_module_hooks_present() -> bool:
+    """Whether global module hooks are registered (``torch.nn.modules.module.register_module_forward_hook`` and
+    friends): each module must then run its own forward, so that they fire. Checked on torch 2.13.0; no public
+    API reads them (the registration functions are public)."""
+    from torch.nn.modules import module
+
+    return bool(
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
+
+
+# -- the backward pass (the DeltaMonitor) ------------------------------------------------------------------
+
+
+def current_graph_task_id() -> int:
+    """An id of the running backward pass (-1 outside one): a monitor counts a step once per backward pass.
+    Checked on torch 2.13.0; no public API."""
+    return torch._C._current_graph_task_id()
+
+
+def queue_end_of_backward_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the running backward pass ends (after every gradient is accumulated). Checked on
+    torch 2.13.0; no public API (``torch.autograd.Variable._execution_engine.queue_callback``)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+# -- torch.compile's stance --------------------------------------------------------------------------------
+
+
+def force_compile_eager() -> Any:
+    """Make ``torch.compile``-d code run eagerly until :func:`restore_compile_stance` is given the returned token
+    (a monitor discovers the data flow from one eager forward pass). Public: ``torch.compiler.set_stance``, called
+    as a function (it sets the stance at once; its ``__exit__`` restores the prior one). Checked on torch 2.13.0.
+    """
+    return torch.compiler.set_stance("force_eager")
+
+
+def restore_compile_stance(token: Any) -> None:
+    """Restore the stance that was in effect before :func:`force_compile_eager` returned ``token``. Public API.
+    Checked on torch 2.13.0."""
+    token.__exit__(None, None, None)

@@ -1,0 +1,393 @@
+r"""The backpropagation equations, each a plain function of tensors: the first file to read.
+
+These are the equations of Nielsen, *Neural Networks and Deep Learning*, ch. 2 (also in Andrew Ng's and
+Hung-yi Lee's lecture notes), written once and tagged line by line. Two drivers call them: the per-op autograd
+Functions (:mod:`torchbp.functions`) and the backprop loop (:mod:`torchbp.backprop`).
+
+==============================  ==============================  ====================================
+symbol                          meaning                         here (batch-first rows)
+==============================  ==============================  ====================================
+a^{l-1}                         activation entering layer l     ``input``, shape ``(N, *, in)``
+w^l, b^l                        weight (out x in), bias (out)   ``weight``, ``bias`` (as ``nn.Linear``)
+z^l = w^l a^{l-1} + b^l         weighted input                  ``z = input @ weight.T + bias``
+a^l = sigma(z^l)                activation                      ``sigmoid(z)``, ``relu(z)``
+delta^l = dC/dz^l               the error of layer l            ``grad_output`` of the Linear backward
+BP1  delta^L = grad_a C * s'(z) output error                    cost backward, then activation backward
+BP2  delta^l = (w^{l+1})^T delta^{l+1} * s'(z^l)                ``delta @ weight``, then ``* s'(z)``
+BP3  dC/db^l = delta^l          bias gradient                   ``delta`` summed over batch dims
+BP4  dC/dw^l_jk = a^{l-1}_k delta^l_j  weight gradient          ``delta.T @ input``
+
+Each cost's backward gives BP1's :math:`∇_a C` (or δ^L directly, for the costs on logits); each activation's
+backward is BP1/BP2's :math:`⊙ σ'(z)`; :func:`linear_backward` is BP2's :math:`(w^{l+1})^T δ^{l+1}`, BP3 and BP4.
+Below them, the forward-mode twins (:func:`linear_jvp`, :func:`_directional_derivative`) that each Function's
+``jvp`` calls. A fast kernel trick (:func:`_select_by_bits`, :func:`_times_a_one_minus_a`,
+:func:`_softmax_minus_one_hot`) sits beside the plain one-line equation it computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _torch_private
+
+__all__ = [
+    "linear_backward",
+    "sigmoid_backward",
+    "relu_backward",
+    "mse_loss_backward",
+    "quadratic_cost_backward",
+    "cross_entropy_backward",
+    "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits_backward",
+    "linear_jvp",
+]
+
+
+# ==================================================================================================
+# The equations. Each is a plain function of tensors, called by the autograd Functions below.
+# ==================================================================================================
+
+
+def linear_backward(
+    delta: Tensor,
+    input: Tensor | None,
+    weight: Tensor | None,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+    bias_shape: torch.Size | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    r"""The gradients of :math:`z = a w^T + b` from :math:`δ^l = ∂C/∂z^l`: BP2's first half, BP4, BP3.
+
+    Returns ``(∂C/∂a^{l-1}, ∂C/∂w^l, ∂C/∂b^l)``, each ``None`` unless asked for. ``input`` is
+    :math:`a^{l-1}` (needed for BP4 only), ``weight`` is :math:`w^l` (needed for BP2 only);
+    ``bias_shape`` is the bias's shape when it is not ``(out,)`` (a bias that broadcasts further).
+    """
+    grad_input = grad_weight = grad_bias = None
+    if need_input:
+        grad_input = delta @ weight  # BP2: (w^l)^T δ^l, the error moved back to a^{l-1}
+    delta_2d = delta if delta.dim() == 2 else delta.reshape(-1, delta.shape[-1])
+    if need_weight:
+        grad_weight = delta_2d.mT @ input.reshape(-1, input.shape[-1])  # BP4: Σ_n δ_n a_n^T
+    if need_bias:
+        if bias_shape is None:
+            grad_bias = delta_2d.sum(0)  # BP3: Σ_n δ_n
+        else:
+            grad_bias = delta.sum_to_size(bias_shape)  # BP3, summed over the dims the bias broadcast over
+    return grad_input, grad_weight, grad_bias
+
+
+def sigmoid_backward(grad: Tensor, a: Tensor) -> Tensor:
+    r"""BP1/BP2's second half for the sigmoid: :math:`∇_a C ⊙ σ'(z)` with :math:`σ'(z) = a (1 − a)`, from the output a."""
+    if _differentiated():  # out of place, so the graph stays differentiable
+        return grad * a * (1 - a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+    return _times_a_one_minus_a(grad, a)
+
+
+def _times_a_one_minus_a(grad: Tensor, a: Tensor) -> Tensor:
+    """``grad * a * (1 - a)`` in one buffer: grad·a, minus grad·a·a in place."""
+    out = grad * a
+    return out.addcmul_(out, a, value=-1)  # BP1/BP2: ∇_a C ⊙ a(1 − a), in one buffer
+
+
+def relu_backward(grad: Tensor, a: Tensor) -> Tensor:
+    r"""BP1/BP2's second half for ReLU: :math:`∇_a C ⊙ σ'(z)` with :math:`σ'(z) = 1[z > 0]`, read from the output a.
+
+    σ'(0) = 0, as torch's. Where a is NaN (z was NaN) the gradient passes, as torch's.
+    """
+    if _select_by_bits_applies(grad, a):
+        return _select_by_bits(grad, a)
+    return torch.where(a <= 0, 0.0, grad)  # BP1/BP2: ∇_a C ⊙ σ'(z), a select as torch's threshold_backward
+
+
+# Integer types of the floating dtypes' width, for ReLU's bit-pattern select.
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def _select_by_bits_applies(grad: Tensor, a: Tensor) -> bool:
+    return not (
+        # grad mode, a torch.func transform, forward AD: the select must stay differentiable
+        _differentiated()
+        or torch.compiler.is_compiling()  # (the compiler fuses the select by itself)
+        or a.dtype not in _BITS
+        or grad.dtype != a.dtype  # (a saved-tensor hook may change a's dtype)
+        or grad.is_neg()
+        or _torch_private.is_legacy_batched(grad)  # autograd.grad(is_grads_batched=True): no bit views
+    )
+
+
+def _select_by_bits(grad: Tensor, a: Tensor) -> Tensor:
+    """``torch.where(a <= 0, 0, grad)`` exactly (a is a ReLU's output: ≥ 0 or NaN), fast on CPU (where bool-mask kernels are slow), in one buffer.
+
+    The bits of |a| as integers, clamped to 1, are σ'(z) (1 also where a is NaN); an integer product
+    with the bits of ``grad`` selects them exactly: 0, not NaN, for an Inf or NaN gradient where σ'(z) = 0.
+    """
+    d_sigma = a.abs().view(_BITS[a.dtype]).clamp_(max=1)
+    return d_sigma.mul_(grad.view(_BITS[a.dtype])).view(a.dtype)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def _scale(grad: Tensor, reduction: str, count: int | Tensor) -> Tensor:
+    """The upstream gradient of a reduced loss, as a factor for each element: dL/d(loss element)."""
+    return grad / count if reduction == "mean" else grad
+
+
+def mse_loss_backward(
+    input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, grad: Tensor, need_weight: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    r"""BP1's :math:`∇_a C` for torch's MSE, :math:`C = \text{reduce}(w (a − y)^2)`: :math:`2 w (a − y) / \text{count}`.
+
+    ``count`` is the number of elements (:math:`Σw` when weighted) for ``'mean'``, 1 otherwise. Returns
+    ``(∇_a C, ∂C/∂w)``; ∂C/∂y is :math:`−∇_a C`.
+    """
+    diff = input - target
+    if weight is None:  # (2/count folded into one factor: one op fewer)
+        two_g = grad / (input.numel() / 2) if reduction == "mean" else 2 * grad
+        return diff * two_g, None  # BP1: ∇_a C = 2(a − y)/count
+    count = weight.sum()
+    g = _scale(grad, reduction, count)
+    grad_a = 2 * diff * weight * g  # BP1: ∇_a C = 2w(a − y)/count
+    grad_weight = None
+    if need_weight:  # ∂C/∂w_i, including the mean's 1/Σw
+        sq = diff.pow(2)
+        grad_weight = (sq * g).sum_to_size(weight.shape)  # summed where a bigger target broadcast it
+        if reduction == "mean":
+            grad_weight = grad_weight - (sq * weight).sum() * g / count
+    return grad_a, grad_weight
+
+
+def quadratic_cost_backward(input: Tensor, target: Tensor, reduction: str, grad: Tensor) -> Tensor:
+    r"""BP1's :math:`∇_a C` for the quadratic cost :math:`C = \frac{1}{2n} Σ_x ‖y(x) − a(x)‖^2`: :math:`(a − y)/n`."""
+    n = input.shape[0] if input.dim() > 1 else 1
+    g = _scale(grad, reduction, n)
+    if reduction == "none" and input.dim() > 1:
+        g = g.reshape((-1,) + (1,) * (input.dim() - 1))
+    return (input - target) * g  # BP1: ∇_a C = (a − y)/n   (Nielsen ch. 2, eq. 26)
+
+
+def _view_classes(t: Tensor, logits: Tensor, class_dim: int) -> Tensor:
+    """A (C,) tensor shaped to broadcast along the class dimension of ``logits``."""
+    shape = [1] * logits.dim()
+    shape[class_dim] = -1
+    return t.view(shape)
+
+
+def cross_entropy_backward(
+    z: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    grad: Tensor,
+    maybe_ignored: bool = True,
+    need_target: bool = False,
+    need_weight: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    r"""BP1 for softmax with cross-entropy on logits z: :math:`δ^L = \text{softmax}(z) Σ_c q_c − q`, reduced.
+
+    ``q`` are the target's coefficients: one-hot (or the given probabilities), times the class weight,
+    mixed with label smoothing; ignored targets have ``q = 0``. Without weights and smoothing this is
+    :math:`δ^L = \text{softmax}(z) − y`. Returns ``(δ^L, ∂C/∂y, ∂C/∂w)`` (the last two for probability
+    targets and class weights that require grad).
+    """
+    eps = label_smoothing
+    class_dim = 0 if z.dim() == 1 else 1
+    n_classes = z.shape[class_dim]
+    if reduction == "none":
+        grad = grad.unsqueeze(class_dim)
+    if not target.is_floating_point():
+        index = target.unsqueeze(class_dim)
+        if maybe_ignored:
+            keep = index != ignore_index
+            index = index.masked_fill(~keep, 0)
+        if weight is None and eps == 0 and not maybe_ignored:
+            if not _differentiated():
+                return _softmax_minus_one_hot(z, index, class_dim, _scale(grad, reduction, target.numel())), None, None
+            y = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index  # one-hot y
+            delta = (torch.softmax(z, class_dim) - y.to(z.dtype)) * _scale(grad, reduction, target.numel())
+            return delta, None, None  # BP1: δ^L = a − y
+        y = _view_classes(torch.arange(n_classes, device=z.device), z, class_dim) == index  # one-hot y
+    # General case: C = −Σ_c q_c log softmax(z)_c, with q the weighted, smoothed target.
+    log_p = torch.log_softmax(z, class_dim)
+    w = None if weight is None else _view_classes(weight, z, class_dim)
+    if target.is_floating_point():  # class probabilities y
+        q = target * (1 - eps) + eps / n_classes if eps > 0 else target
+        count = z.numel() / n_classes if z.numel() else 0
+    else:  # class indices: one-hot, smoothed (in z's dtype); ignored samples have q = 0
+        q = y.to(z.dtype) * (1 - eps) + eps / n_classes if eps > 0 else y.to(z.dtype)
+        if maybe_ignored:
+            q = q * keep
+        if not maybe_ignored and weight is None:
+            count = target.numel()
+        elif weight is None:
+            count = keep.sum()
+        else:
+            count = (weight[index] * keep).sum() if maybe_ignored else weight[index].sum()
+    if reduction == "mean" and isinstance(count, Tensor):
+        g = torch.where(count != 0, grad / count, torch.nan)  # 0/0 is NaN, as torch's
+    else:
+        g = _scale(grad, reduction, count)
+    qw = q if w is None else q * w
+    delta = (log_p.exp() * qw.sum(class_dim, keepdim=True) - qw) * g  # BP1: δ^L = softmax(z)Σq − q
+    if maybe_ignored and not target.is_floating_point():
+        delta = delta.masked_fill(~keep, 0)  # an ignored target passes no error back, even if 0/0
+    grad_target = grad_weight = None
+    if need_target:  # ∂C/∂y for probability targets
+        grad_target = -log_p * g * (1 - eps) if w is None else -log_p * w * g * (1 - eps)
+    if need_weight:  # ∂C/∂w_c for probability targets
+        dims = [d for d in range(z.dim()) if d != class_dim]
+        grad_weight = -(q * log_p * g).sum(dims) if dims else -(q * log_p * g)
+    return delta, grad_target, grad_weight
+
+
+def _softmax_minus_one_hot(z: Tensor, index: Tensor, class_dim: int, g: Tensor) -> Tensor:
+    """``(softmax(z) − onehot(index)) * g`` in one buffer: softmax, then −1 added at the targets in place."""
+    delta = torch.softmax(z, class_dim).scatter_(class_dim, index, -1.0, reduce="add")
+    return delta.mul_(g)  # BP1: δ^L = a − y
+
+
+def binary_cross_entropy_backward(
+    a: Tensor, y: Tensor, weight: Tensor | None, reduction: str, grad: Tensor, need_input=True, need_target=False
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""BP1's :math:`∇_a C` for cross-entropy on sigmoid outputs: :math:`w (a − y) / (a (1 − a))`.
+
+    After the sigmoid's :math:`σ'(z) = a (1 − a)` this is Nielsen's :math:`δ^L = a − y`. Returns
+    ``(∇_a C, ∂C/∂y)``.
+    """
+    g = _scale(grad, reduction, a.numel())
+    if weight is not None:
+        g = g * weight
+    grad_a = grad_y = None
+    if need_input:
+        grad_a = (a - y) / (a * (1 - a)).clamp_min(_BCE_EPS) * g  # BP1: ∇_a C (clamped as torch)
+    if need_target:
+        grad_y = -torch.logit(a) * g  # ∂C/∂y = log(1 − a) − log(a), unclamped as torch
+    return grad_a, grad_y
+
+
+def binary_cross_entropy_with_logits_backward(
+    z: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    reduction: str,
+    grad: Tensor,
+    need_input=True,
+    need_target=False,
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""BP1 for sigmoid and cross-entropy on logits: :math:`δ^L = w [(p y + 1 − y) σ(z) − p y]`, σ(z) − y unweighted.
+
+    Returns ``(δ^L, ∂C/∂y)``.
+    """
+    g = _scale(grad, reduction, z.numel())
+    if weight is not None:
+        g = g * weight
+    grad_z = grad_y = None
+    if need_input:
+        if pos_weight is None:
+            grad_z = (torch.sigmoid(z) - y) * g  # BP1: δ^L = a − y
+        else:
+            py = pos_weight * y
+            grad_z = ((py + 1 - y) * torch.sigmoid(z) - py) * g  # BP1 with pos_weight
+    if need_target:  # ∂C/∂y = −[p log σ(z) − log(1 − σ(z))]
+        log_sig = F.logsigmoid(z)
+        grad_y = (F.logsigmoid(-z) - (log_sig if pos_weight is None else pos_weight * log_sig)) * g
+    return grad_z, grad_y
+
+
+# ==================================================================================================
+# Forward mode: the same equations pushed forward, for each Function's jvp. A layer's tangent is the
+# product rule, dz = da w^T + a dw^T + db; an activation's is σ'(z) ⊙ dz, the very product of BP1/BP2
+# (σ'(z) is diagonal); a cost's is its gradient, as backward computes it, contracted with the tangents:
+# dC = Σ_x ⟨∂C/∂x, dx⟩.
+# ==================================================================================================
+
+
+def linear_jvp(
+    input: Tensor, weight: Tensor, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
+) -> Tensor | None:
+    r"""The forward-mode derivative of :math:`z = a w^T + b`: :math:`dz = da\,w^T + a\,dw^T + db`.
+
+    Each tangent may be ``None`` (no term); ``None`` if all are. ``input`` is needed for dw only, ``weight`` for
+    da only.
+    """
+    dz = None
+    if d_input is not None:
+        dz = d_input @ weight.mT  # da w^T
+    if d_weight is not None:
+        a_dw = input @ d_weight.mT  # a dw^T
+        dz = a_dw if dz is None else dz + a_dw
+    if d_bias is not None:
+        if dz is None:  # z's shape: (*, out), broadcast with the bias's
+            dz = d_bias.expand(torch.broadcast_shapes(input.shape[:-1] + weight.shape[:1], d_bias.shape))
+        else:
+            dz = dz + d_bias  # db
+    return dz  # dz = da w^T + a dw^T + db
+
+
+def _one(output: Tensor) -> Tensor:
+    """The upstream gradient ∂C/∂C = 1, of the loss's shape: given to a cost's backward, it returns ∂C/∂x."""
+    return torch.ones(output.shape, dtype=output.dtype, device=output.device)
+
+
+def _difference_tangent(d_input: Tensor | None, d_target: Tensor | None) -> Tensor | None:
+    """d(a − y) = da − dy (``None`` for a missing tangent): the costs of a − y pair ∇_a C with it, as ∇_y C = −∇_a C."""
+    if d_target is None:
+        return d_input
+    return -d_target if d_input is None else d_input - d_target
+
+
+def _directional_derivative(
+    cost: Tensor, reduction: str, dims: tuple[int, ...], *partials: tuple[Tensor | None, Tensor | None]
+) -> Tensor | None:
+    r"""A cost's forward-mode derivative :math:`dC = Σ_x ⟨∂C/∂x, dx⟩` from ``(∂C/∂x, dx)`` pairs (``None``: no term).
+
+    For a reduced C the sums run over every element. For ``'none'``, ∂C/∂x is what backward gives for an
+    upstream gradient of ones: each element of x feeds one element of C, so ∂C/∂x holds every nonzero
+    partial, and each element of dC sums its own: over ``dims`` (a sample's classes, its features), or
+    element-wise for ``dims = ()``. Where C is NaN, so is dC, as torch's: a NaN has no derivative, and a
+    mean over nothing (no samples, every target ignored) is 0/0 even though no partial is.
+    """
+    dc = None
+    for partial, tangent in partials:
+        if partial is None or tangent is None:
+            continue
+        term = partial * tangent
+        if reduction != "none":
+            term = term.sum()
+        elif dims:
+            term = term.sum(dims)
+        dc = term if dc is None else dc + term  # dC = Σ_x ⟨∂C/∂x, dx⟩
+    if dc is not None:
+        dc = torch.where(cost.isnan(), cost, dc)  # d(NaN) = NaN; d(0/0) = NaN
+    return dc
+
+
+def _differentiated() -> bool:
+    """Whether the equations may themselves be differentiated: grad mode is on (``create_graph``), a torch.func
+    transform is active (``hessian``, ``jacfwd(jacrev(f))``) or a ``torch.autograd.forward_ad.dual_level`` is open.
+
+    Then they must not take their one-buffer fast paths (in-place ops, integer bit views), which neither
+    autograd nor forward-mode AD can differentiate.
+    """
+    return (
+        torch.is_grad_enabled()
+        or _torch_private.functorch_transforms_active()
+        or _torch_private.forward_ad_active()
+    )
+
+
+# binary_cross_entropy_backward clamps a(1 − a) where torch's does: at its C++ constant ``float EPSILON = 1e-12``,
+# 1e-12 rounded to float32 (1e-12 · (1 − 4.0e-9)), also in float64.
+_BCE_EPS = float(torch.tensor(1e-12, dtype=torch.float32))

@@ -1,0 +1,424 @@
+r"""The per-op autograd Functions: ``forward`` computes, ``setup_context`` saves, ``backward`` calls the equations.
+
+Each follows PyTorch's "forward + setup_context" template, with a ``jvp`` for forward mode, so ``torch.func``
+transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``) and ``torch.compile`` work; every
+backward is made of differentiable torch ops (:mod:`torchbp.equations`), so double backward works too. They take
+their arguments as checked by the public functions of :mod:`torchbp.functional`, which apply them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _torch_private
+from .slots import LayerSlot
+from .equations import (
+    _difference_tangent,
+    _directional_derivative,
+    _one,
+    _reduce,
+    binary_cross_entropy_backward,
+    binary_cross_entropy_with_logits_backward,
+    cross_entropy_backward,
+    linear_backward,
+    linear_jvp,
+    mse_loss_backward,
+    quadratic_cost_backward,
+    relu_backward,
+    sigmoid_backward,
+)
+
+__all__ = [
+    "HandWrittenFunction",
+    "LinearFunction",
+    "SigmoidFunction",
+    "ReLUFunction",
+    "MSELossFunction",
+    "QuadraticCostFunction",
+    "CrossEntropyFunction",
+    "BCEFunction",
+    "BCEWithLogitsFunction",
+]
+
+
+# ==================================================================================================
+# What every Function below shares, written once.
+# ==================================================================================================
+
+
+class HandWrittenFunction(torch.autograd.Function):
+    """The base of torchbp's Functions: each backward is written by hand from the equations.
+
+    ``vmap`` runs a Function's forward and backward over the batch (``generate_vmap_rule``): they are plain torch
+    ops. Each ``setup_context`` ends with :func:`_save`; each ``backward`` is wrapped in
+    :func:`_none_for_undefined`.
+    """
+
+    generate_vmap_rule = True
+
+
+def _save(ctx, for_backward: tuple[Tensor | None, ...], for_jvp: tuple[Tensor | None, ...]) -> None:
+    """Save ``for_backward`` (``ctx.saved_tensors`` in backward) and ``for_jvp`` (``ctx.saved_tensors`` in jvp,
+    held during forward only), and turn ``materialize_grads`` off: a missing tangent (jvp) or upstream
+    gradient (backward) arrives as ``None``, not as zeros."""
+    ctx.save_for_backward(*for_backward)
+    ctx.save_for_forward(*for_jvp)
+    ctx.set_materialize_grads(False)
+
+
+def _none_for_undefined(backward):
+    """``backward``, except that an undefined upstream gradient (``None``: materialize_grads is off) sends no
+    gradient to any input."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, grad, *more):
+        if grad is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return backward(ctx, grad, *more)
+
+    return wrapper
+
+
+def _apply(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)``; in plain eager mode without ``Function.apply``'s Python prologue.
+
+    That prologue binds the arguments to ``forward``'s signature on every call (for default values;
+    every call here passes all arguments) and routes torch.func transforms; skipping it when no
+    transform is active and nothing is being compiled halves the per-call overhead. Under
+    ``torch.compile`` it applies ``fn`` without its ``jvp`` (:func:`_without_jvp`).
+    """
+    if torch.compiler.is_compiling():
+        return _TRACEABLE.get(id(fn), fn).apply(*args)  # (without its jvp: Dynamo traces no custom jvp)
+    if _torch_private.functorch_transforms_active():
+        return fn.apply(*args)
+    return _torch_private.function_apply_without_prologue(fn)(*args)
+
+
+class LinearFunction(HandWrittenFunction):
+    r"""z^l = a^{l-1} (w^l)^T + b^l; backward is BP2's (w^l)^T δ^l, BP3 and BP4 (:func:`linear_backward`).
+
+    Forward mode: dz = da w^T + a dw^T + db (:func:`linear_jvp`).
+
+    ``slot`` is ``None``, or the record of a :class:`torchbp.DeltaMonitor` for this layer (a
+    :class:`torchbp.slots.LayerSlot`): backward hands it δ^l and the gradients it has just computed
+    (``slot.record``), which it reduces to the layer's statistics with tensor ops.
+    """
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, slot: LayerSlot | None = None) -> Tensor:
+        z = F.linear(input, weight, bias)
+        # For 1-D and N-D inputs F.linear returns a reshaped view of its 2-D product; a custom
+        # Function's output must not be a view if it is to be modified in place (ReLU(inplace=True)).
+        return z.detach() if not torch.compiler.is_compiling() and z._is_view() else z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, slot = inputs
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        keep_input = need_weight or (slot is not None and slot.needs_input)
+        # Save only what a requested gradient needs: BP2 needs w, BP4 needs a^{l-1}.
+        _save(ctx, (input if keep_input else None, weight if need_input else None), (input, weight))
+        ctx.slot = slot
+        ctx.bias_shape = None if bias is None or bias.shape == weight.shape[:1] else bias.shape
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, delta: Tensor):  # delta = δ^l = ∂C/∂z^l
+        input, weight = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input, grad_weight, grad_bias = linear_backward(
+            delta, input, weight, need_input, need_weight, need_bias, ctx.bias_shape
+        )
+        if ctx.slot is not None:
+            ctx.slot.record(delta, input, grad_weight, grad_bias)  # the monitor's statistics of δ^l
+        return grad_input, grad_weight, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None, _slot=None):
+        input, weight = ctx.saved_tensors
+        return linear_jvp(input, weight, d_input, d_weight, d_bias)  # dz = da w^T + a dw^T + db
+
+
+class SigmoidFunction(HandWrittenFunction):
+    r"""a = σ(z); backward multiplies by σ'(z) = σ(z)(1 − σ(z)), from the saved output a; so does forward mode."""
+
+    @staticmethod
+    def forward(input: Tensor) -> Tensor:
+        return torch.sigmoid(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, (output,), (output,))  # σ(z): its derivative needs nothing else
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        return sigmoid_backward(grad, a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        return sigmoid_backward(d_input, a)  # dσ = σ'(z) ⊙ dz: σ'(z) is diagonal, the product of BP2
+
+
+class ReLUFunction(HandWrittenFunction):
+    r"""a = max(z, 0); backward multiplies by σ'(z) = 1[z > 0] (0 at z = 0, as torch), from the output.
+
+    ``slot`` is ``None``, or the monitor's record of the Linear whose output z this is: backward
+    hands it a, from which it counts the units with σ'(z) = 0 for every sample (dead units).
+    Forward mode: da = 1[z > 0] ⊙ dz; in place (``inplace=True``) it overwrites dz, as the forward overwrites z.
+    """
+
+    @staticmethod
+    def forward(input: Tensor, inplace: bool = False, slot: LayerSlot | None = None) -> Tensor:
+        if inplace:
+            input.relu_()
+            return input  # (the input itself, as torch.compile wants a dirty input returned)
+        return torch.relu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, inplace, slot = inputs
+        if inplace:
+            ctx.mark_dirty(input)
+        _save(ctx, (output,), (output,))  # a > 0 exactly where z > 0; torch's relu saves the same
+        ctx.inplace = inplace
+        ctx.dead_slot = slot
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor):
+        (a,) = ctx.saved_tensors
+        if ctx.dead_slot is not None:
+            ctx.dead_slot.record_relu(a)  # the monitor counts the units with σ'(z) = 0 for every sample
+        return relu_backward(grad, a), None, None  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor, _inplace=None, _slot=None) -> Tensor:
+        (a,) = ctx.saved_tensors
+        if ctx.inplace:  # z was overwritten by a: its tangent dz is overwritten by da
+            return d_input.copy_(relu_backward(d_input, a))  # da = σ'(z) ⊙ dz, in place
+        return relu_backward(d_input, a)  # da = σ'(z) ⊙ dz: σ'(z) is diagonal, the product of BP2
+
+
+class MSELossFunction(HandWrittenFunction):
+    r"""C = reduce(w (a − y)^2): ``mean`` divides by the number of elements (by Σw when weighted).
+
+    Forward mode: dC = ⟨∇_a C, da − dy⟩ + ⟨∂C/∂w, dw⟩, with backward's gradients.
+    """
+
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
+        if weight is None:
+            return F.mse_loss(input, target, reduction=reduction)
+        loss = (input - target).pow(2) * weight
+        return loss.sum() / weight.sum() if reduction == "mean" else _reduce(loss, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _save(ctx, (input, target, weight), (input, target, weight, output))
+        ctx.reduction = reduction
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor):
+        input, target, weight = ctx.saved_tensors
+        grad_a, grad_weight = mse_loss_backward(input, target, weight, ctx.reduction, grad, ctx.needs_input_grad[2])
+        return (
+            grad_a if ctx.needs_input_grad[0] else None,
+            -grad_a if ctx.needs_input_grad[1] else None,
+            grad_weight,
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, d_weight: Tensor | None, _reduction=None):
+        input, target, weight, loss = ctx.saved_tensors
+        if ctx.reduction == "none" and d_weight is not None:  # ∂ℓ/∂w per element, not summed where w broadcasts
+            weight = weight.expand(input.shape)
+        grad_a, grad_w = mse_loss_backward(input, target, weight, ctx.reduction, _one(loss), d_weight is not None)
+        d_diff = _difference_tangent(d_input, d_target)
+        return _directional_derivative(loss, ctx.reduction, (), (grad_a, d_diff), (grad_w, d_weight))
+
+
+class QuadraticCostFunction(HandWrittenFunction):
+    r"""Nielsen's quadratic cost C = 1/(2n) Σ_x ‖y(x) − a(x)‖²; ∇_a C = (a − y)/n; dC = ⟨(a − y)/n, da − dy⟩."""
+
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+        diff = input - target
+        per_sample = 0.5 * (diff * diff).flatten(1).sum(1) if diff.dim() > 1 else 0.5 * diff.pow(2).sum()
+        return _reduce(per_sample, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, reduction = inputs
+        _save(ctx, (input, target), (input, target, output))
+        ctx.reduction = reduction
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor):
+        input, target = ctx.saved_tensors
+        grad_a = quadratic_cost_backward(input, target, ctx.reduction, grad)  # BP1: ∇_a C = (a − y)/n
+        return (
+            grad_a if ctx.needs_input_grad[0] else None,
+            -grad_a if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, _reduction=None):
+        input, target, cost = ctx.saved_tensors
+        grad_a = quadratic_cost_backward(input, target, ctx.reduction, _one(cost))  # ∇_a C = (a − y)/n
+        sample = tuple(range(1, input.dim())) if input.dim() > 1 else (0,)  # a sample's elements ('none')
+        return _directional_derivative(cost, ctx.reduction, sample, (grad_a, _difference_tangent(d_input, d_target)))
+
+
+class CrossEntropyFunction(HandWrittenFunction):
+    r"""Softmax with cross-entropy. C = −Σ_c q_c log softmax(z)_c, reduced; δ^L = softmax(z) Σq − q.
+
+    See :func:`cross_entropy_backward`. Without weights and smoothing, δ^L = softmax(z) − y (BP1 for the
+    softmax output layer). Forward mode: dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩ + C(z, y; w = dw), summed over each
+    sample's classes for ``'none'``. C is linear in the class weights (they are differentiable for probability
+    targets only, where the mean does not divide by them), so its derivative along dw is C with the weights dw.
+    """
+
+    @staticmethod
+    def forward(input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored=True):
+        return F.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored = inputs
+        _save(ctx, (input, target, weight), (input, target, weight, output))
+        ctx.options = ignore_index, reduction, label_smoothing, maybe_ignored
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor):
+        z, target, weight = ctx.saved_tensors
+        ignore_index, reduction, eps, maybe_ignored = ctx.options
+        delta, grad_target, grad_weight = cross_entropy_backward(
+            z, target, weight, ignore_index, reduction, eps, grad, maybe_ignored, *ctx.needs_input_grad[1:3]
+        )
+        return delta, grad_target, grad_weight, None, None, None, None  # BP1: δ^L = softmax(z) − y
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, d_weight: Tensor | None, *_options):
+        z, target, weight, loss = ctx.saved_tensors
+        ignore_index, reduction, eps, maybe_ignored = ctx.options
+        if not target.is_floating_point():
+            d_weight = None  # class weights of class-index targets are constants, as torch's backward has them
+        need_target = d_target is not None
+        delta, grad_target, _ = cross_entropy_backward(
+            z, target, weight, ignore_index, reduction, eps, _one(loss), maybe_ignored, need_target
+        )
+        classes = (0 if z.dim() == 1 else 1,)
+        dc = _directional_derivative(loss, reduction, classes, (delta, d_input), (grad_target, d_target))
+        if d_weight is not None:  # C is linear in w: ⟨∂C/∂w, dw⟩ = C(z, y; w = dw)
+            dc_w = F.cross_entropy(z, target, d_weight, reduction=reduction, label_smoothing=eps)
+            dc = dc_w if dc is None else dc + dc_w
+        return dc  # dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩ + ⟨∂C/∂w, dw⟩
+
+
+class BCEFunction(HandWrittenFunction):
+    r"""Cross-entropy on sigmoid outputs (Nielsen's cost): C = −w [y log a + (1 − y) log(1 − a)].
+
+    ∇_a C = w (a − y) / (a (1 − a)); after the sigmoid's σ'(z) = a(1 − a) this is δ^L = a − y.
+    Forward mode: dC = ⟨∇_a C, da⟩ + ⟨∂C/∂y, dy⟩; the weight is a constant, as torch's backward has it.
+    """
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return F.binary_cross_entropy(input, target, weight, reduction=reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _save(ctx, (input, target, weight), (input, target, weight, output))
+        ctx.reduction = reduction
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor):
+        a, y, weight = ctx.saved_tensors
+        grad_a, grad_y = binary_cross_entropy_backward(a, y, weight, ctx.reduction, grad, *ctx.needs_input_grad[:2])
+        return grad_a, grad_y, None, None  # BP1: ∇_a C
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, _weight=None, _reduction=None):
+        a, y, weight, loss = ctx.saved_tensors
+        grad_a, grad_y = binary_cross_entropy_backward(
+            a, y, weight, ctx.reduction, _one(loss), d_input is not None, d_target is not None
+        )
+        return _directional_derivative(loss, ctx.reduction, (), (grad_a, d_input), (grad_y, d_target))
+
+
+class BCEWithLogitsFunction(HandWrittenFunction):
+    r"""Sigmoid and binary cross-entropy in one: C = −w [p y log σ(z) + (1 − y) log(1 − σ(z))].
+
+    The σ'(z) of BP1 cancels the cost's 1/(a(1 − a)): δ^L = w [(p y + 1 − y) σ(z) − p y],
+    which is σ(z) − y without weights. Forward mode: dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩; the weight and the
+    pos_weight are constants, as torch's backward has them.
+    """
+
+    @staticmethod
+    def forward(input, target, weight, pos_weight, reduction):
+        return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
+        _save(ctx, (input, target, weight, pos_weight), (input, target, weight, pos_weight, output))
+        ctx.reduction = reduction
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor):
+        z, y, weight, pos_weight = ctx.saved_tensors
+        grad_z, grad_y = binary_cross_entropy_with_logits_backward(
+            z, y, weight, pos_weight, ctx.reduction, grad, *ctx.needs_input_grad[:2]
+        )
+        return grad_z, grad_y, None, None, None  # BP1: δ^L = σ(z) − y
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, _weight=None, _pos_weight=None, _reduction=None):
+        z, y, weight, pos_weight, loss = ctx.saved_tensors
+        grad_z, grad_y = binary_cross_entropy_with_logits_backward(
+            z, y, weight, pos_weight, ctx.reduction, _one(loss), d_input is not None, d_target is not None
+        )
+        return _directional_derivative(loss, ctx.reduction, (), (grad_z, d_input), (grad_y, d_target))
+
+
+def _without_jvp(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """``fn`` without its ``jvp``: what ``torch.compile`` runs, as Dynamo cannot trace a Function that defines one.
+
+    (torch 2.13: "Unsupported custom jvp". Forward-mode AD does not run inside compiled code anyway.)
+    """
+    body = {k: v for k, v in vars(fn).items() if k not in ("jvp", "__dict__", "__weakref__")}
+    return type(fn.__name__, fn.__bases__, body)
+
+
+# What _apply runs under torch.compile, by id (the lookup Dynamo can trace).
+_TRACEABLE = {
+    id(fn): _without_jvp(fn)
+    for fn in (
+        LinearFunction,
+        SigmoidFunction,
+        ReLUFunction,
+        MSELossFunction,
+        QuadraticCostFunction,
+        CrossEntropyFunction,
+        BCEFunction,
+        BCEWithLogitsFunction,
+    )
+}
