@@ -22,7 +22,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call
 
 import torchbp
-from torchbp.conv1d import _conv1d
+from torchbp.functional import _conv1d
 
 REL = 1e-12
 
@@ -108,7 +108,7 @@ def test_gradcheck_and_gradgradcheck_float64():
 
 def test_backward_tags_and_layout():
     """BP4 in W's (in, out) layout: ∂C/∂W = Σ_n a_n δ_n^T, checked against the outer products written out."""
-    from torchbp.conv1d import conv1d_backward
+    from torchbp.equations import conv1d_backward
 
     a, delta = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     w = torch.randn(3, 4, dtype=torch.float64)

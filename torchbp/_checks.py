@@ -293,3 +293,22 @@ def check_quadratic_cost(input, target, reduction) -> str:
     check_device("quadratic_cost", input, "target", target)
     check_float("quadratic_cost", "input", input)
     return reduction
+
+
+def check_conv1d(input: Tensor, weight: Tensor, bias: Tensor) -> None:
+    """Conv1D's arguments: what ``torch.addmm`` would reject, said in the layer's own terms."""
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        check_tensor("Conv1D", name, t)
+    if weight.dim() != 2:
+        raise RuntimeError(f"Conv1D expected a 2-D weight (nx, nf), got shape {tuple(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[0]:
+        raise RuntimeError(
+            f"Conv1D expected input with last dimension {weight.shape[0]} (nx), got shape {tuple(input.shape)}"
+        )
+    if bias.shape != weight.shape[1:]:
+        raise RuntimeError(f"Conv1D expected bias of shape ({weight.shape[1]},) (nf), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.device != input.device:
+            check_device("Conv1D", input, name, t)
+        if t.dtype != input.dtype and not _torch_private.any_autocast_enabled():
+            check_dtype("Conv1D", input, name, t)

@@ -79,6 +79,31 @@ def linear_backward(
     return grad_input, grad_weight, grad_bias
 
 
+def conv1d_backward(
+    delta: Tensor,
+    input: Tensor | None,
+    weight: Tensor | None,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    r"""The gradients of :math:`z = a W + b` (``W`` stored (in, out)) from :math:`δ^l = ∂C/∂z^l`: BP2's first half,
+    BP4, BP3.
+
+    Returns ``(∂C/∂a^{l-1}, ∂C/∂W, ∂C/∂b^l)``, each ``None`` unless asked for; ``∂C/∂W`` has ``W``'s (in, out)
+    layout. ``input`` is :math:`a^{l-1}` (needed for BP4 only), ``weight`` is ``W`` (needed for BP2 only).
+    """
+    grad_input = grad_weight = grad_bias = None
+    if need_input:
+        grad_input = delta @ weight.mT  # BP2: δ W^T = (w^l)^T δ^l, the error moved back to a^{l-1}
+    delta_2d = delta if delta.dim() == 2 else delta.reshape(-1, delta.shape[-1])
+    if need_weight:
+        grad_weight = input.reshape(-1, input.shape[-1]).mT @ delta_2d  # BP4: Σ_n a_n δ_n^T, (in, out)
+    if need_bias:
+        grad_bias = delta_2d.sum(0)  # BP3: Σ_n δ_n
+    return grad_input, grad_weight, grad_bias
+
+
 def sigmoid_backward(grad: Tensor, a: Tensor) -> Tensor:
     r"""BP1/BP2's second half for the sigmoid: :math:`∇_a C ⊙ σ'(z)` with :math:`σ'(z) = a (1 − a)`, from the output a."""
     if _differentiated():  # out of place, so the graph stays differentiable
@@ -335,6 +360,25 @@ def linear_jvp(
             dz = dz + d_bias  # db
     return dz  # dz = da w^T + a dw^T + db
 
+
+
+def conv1d_jvp(
+    input: Tensor, weight: Tensor, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
+) -> Tensor | None:
+    r"""The forward-mode derivative of :math:`z = a W + b`: :math:`dz = da\,W + a\,dW + db`.
+
+    Each tangent may be ``None`` (no term); ``None`` if all are. ``input`` is needed for dW only, ``weight`` for
+    da only.
+    """
+    dz = None
+    if d_input is not None:
+        dz = d_input @ weight  # da W
+    if d_weight is not None:
+        a_dw = input @ d_weight  # a dW
+        dz = a_dw if dz is None else dz + a_dw
+    if d_bias is not None:
+        dz = d_bias.expand(input.shape[:-1] + d_bias.shape) if dz is None else dz + d_bias  # db
+    return dz  # dz = da W + a dW + db
 
 def _one(output: Tensor) -> Tensor:
     """The upstream gradient ∂C/∂C = 1, of the loss's shape: given to a cost's backward, it returns ∂C/∂x."""

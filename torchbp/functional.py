@@ -29,6 +29,7 @@ from .backprop import LINEAR, RELU, SIGMOID, ChainFunction, apply_chain
 from .equations import (
     binary_cross_entropy_backward,
     binary_cross_entropy_with_logits_backward,
+    conv1d_backward,
     cross_entropy_backward,
     linear_backward,
     mse_loss_backward,
@@ -39,6 +40,7 @@ from .equations import (
 from .equations import linear_jvp as linear_jvp  # (the forward-mode twin of linear_backward)
 from .functions import (
     BCEFunction,
+    Conv1DFunction,
     BCEWithLogitsFunction,
     CrossEntropyFunction,
     LinearFunction,
@@ -59,6 +61,7 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "linear_backward",
+    "conv1d_backward",
     "sigmoid_backward",
     "relu_backward",
     "mse_loss_backward",
@@ -67,6 +70,7 @@ __all__ = [
     "binary_cross_entropy_backward",
     "binary_cross_entropy_with_logits_backward",
     "LinearFunction",
+    "Conv1DFunction",
     "SigmoidFunction",
     "ReLUFunction",
     "MSELossFunction",
@@ -103,6 +107,21 @@ def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, slot=None) -> Te
 
 
 _linear_eagerly = torch.compiler.disable(_linear)
+
+
+def _conv1d(input: Tensor, weight: Tensor, bias: Tensor, slot=None) -> Tensor:
+    """``Conv1D.forward`` with torchbp's backward; ``slot`` as :class:`Conv1DFunction`'s."""
+    if slot is not None and slot.needs_input and torch.compiler.is_compiling():
+        return _conv1d_eagerly(input, weight, bias, slot)  # a monitor's per-sample norms are eager-only
+    _checks.check_conv1d(input, weight, bias)
+    input, weight, bias = _autocast(None, input, weight, bias)  # (autocast runs torch.addmm in its lower dtype)
+    z = _apply(Conv1DFunction, input, weight, bias, slot)
+    if slot is not None and not torch.compiler.is_compiling() and slot.discovering:
+        slot.discover(input)  # the monitor reads the data flow into this layer from the autograd graph
+    return z
+
+
+_conv1d_eagerly = torch.compiler.disable(_conv1d)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

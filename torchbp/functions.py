@@ -23,6 +23,8 @@ from .equations import (
     _reduce,
     binary_cross_entropy_backward,
     binary_cross_entropy_with_logits_backward,
+    conv1d_backward,
+    conv1d_jvp,
     cross_entropy_backward,
     linear_backward,
     linear_jvp,
@@ -141,6 +143,50 @@ class LinearFunction(HandWrittenFunction):
     def jvp(ctx, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None, _slot=None):
         input, weight = ctx.saved_tensors
         return linear_jvp(input, weight, d_input, d_weight, d_bias)  # dz = da w^T + a dw^T + db
+
+
+class Conv1DFunction(HandWrittenFunction):
+    r"""z^l = a^{l-1} W + b^l with ``W`` (in, out), as ``transformers.pytorch_utils.Conv1D``; backward is BP2's
+    δ W^T, BP3 and BP4's a^T δ (:func:`conv1d_backward`).
+
+    Forward mode: dz = da W + a dW + db (:func:`conv1d_jvp`).
+
+    ``slot`` is ``None``, or the record of a :class:`torchbp.DeltaMonitor` for this layer: backward hands it
+    δ^l and the gradients it has just computed (``slot.record``; the weight's gradient in W's (in, out) layout),
+    as :class:`torchbp.functional.LinearFunction` does.
+    """
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor, bias: Tensor, slot=None) -> Tensor:
+        # transformers' Conv1D.forward, operation for operation (so the results are the same to the bit).
+        size_out = input.size()[:-1] + (weight.size(-1),)
+        z = torch.addmm(bias, input.view(-1, input.size(-1)), weight).view(size_out)
+        # A custom Function's output must not be a view if it is to be modified in place.
+        return z.detach() if not torch.compiler.is_compiling() and z._is_view() else z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, slot = inputs
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        keep_input = need_weight or (slot is not None and slot.needs_input)
+        # Save only what a requested gradient needs: BP2 needs W, BP4 needs a^{l-1}.
+        _save(ctx, (input if keep_input else None, weight if need_input else None), (input, weight))
+        ctx.slot = slot  # (the monitor reads the data flow from this attribute of the autograd node)
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, delta: Tensor):  # delta = δ^l = ∂C/∂z^l
+        input, weight = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input, grad_weight, grad_bias = conv1d_backward(delta, input, weight, need_input, need_weight, need_bias)
+        if ctx.slot is not None:
+            ctx.slot.record(delta, input, grad_weight, grad_bias)  # the monitor's statistics of δ^l
+        return grad_input, grad_weight, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None, _slot=None):
+        input, weight = ctx.saved_tensors
+        return conv1d_jvp(input, weight, d_input, d_weight, d_bias)  # dz = da W + a dW + db
 
 
 class SigmoidFunction(HandWrittenFunction):
@@ -413,6 +459,7 @@ _TRACEABLE = {
     id(fn): _without_jvp(fn)
     for fn in (
         LinearFunction,
+        Conv1DFunction,
         SigmoidFunction,
         ReLUFunction,
         MSELossFunction,

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._torch_private import global_module_hooks_present
-from .conv1d import _conv1d
 
 __all__ = [
     "Sequential",
@@ -242,7 +241,7 @@ def _torchbp_conv1d() -> type[nn.Module]:
 
         class Conv1D(HFConv1D):
             r"""Applies :math:`z = a W + b` with ``W`` stored (in, out), as ``transformers.pytorch_utils.Conv1D``
-            (GPT-2's projections), with backward from BP2-BP4 (:class:`torchbp.conv1d.Conv1DFunction`).
+            (GPT-2's projections), with backward from BP2-BP4 (:class:`torchbp.functions.Conv1DFunction`).
 
             Constructor (``nf`` outputs, ``nx`` inputs), parameters, ``state_dict`` keys and layout, ``repr``
             and ``isinstance(m, transformers.pytorch_utils.Conv1D)`` are transformers' own; :func:`convert`
@@ -265,7 +264,7 @@ def _torchbp_conv1d() -> type[nn.Module]:
                 return self.nf
 
             def forward(self, x: Tensor) -> Tensor:
-                return _conv1d(x, self.weight, self.bias, self._torchbp_slot)
+                return F._conv1d(x, self.weight, self.bias, self._torchbp_slot)
 
         Conv1D.__module__, Conv1D.__qualname__ = __name__, "Conv1D"  # (pickle finds it as torchbp.nn.Conv1D)
         _conv1d_class = Conv1D
