@@ -15,8 +15,9 @@ Timing: ``--repeats`` times, a block of ``--calls`` calls of every row, in an or
 (interleaved, so that load drift hits every row alike); a block's time / calls is one sample. The table gives the
 median over repeats and the interquartile range. The clock is the process's CPU time (``time.process_time``) by
 default: on a machine shared with other work it leaves out the time the process waits for a core, which would
-otherwise swamp these few microseconds; ``--clock wall`` takes ``time.perf_counter``. One torch thread by default (``--threads``): on a tensor this
-small, intra-op threads only add their wake-up cost, which on a loaded machine swamps the Python cost.
+otherwise swamp these few microseconds; ``--clock wall`` takes ``time.perf_counter``. One torch thread by default
+(``--threads``): on a tensor this small, intra-op threads only add their wake-up cost, which on a loaded machine
+swamps the Python cost.
 
     python benchmarks/bench_call.py                   # 30 x 200 calls
     python benchmarks/bench_call.py --repeats 10 --calls 100

@@ -144,8 +144,9 @@ def monitored(model: nn.Module) -> list[str]:
 
 
 def attached_monitors() -> int:
-    """How many DeltaMonitors are attached to a model right now (the monitor objects alive, found by the gc)."""
-    return sum(1 for o in gc.get_objects() if isinstance(o, torchbp.DeltaMonitor) and o._attached)
+    """How many DeltaMonitors are attached to a model right now (the monitor objects alive, found by the gc; one
+    whose constructor failed is not attached)."""
+    return sum(1 for o in gc.get_objects() if isinstance(o, torchbp.DeltaMonitor) and getattr(o, "_attached", False))
 
 
 def bp_copy(torch_model: nn.Module) -> nn.Module:

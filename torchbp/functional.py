@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from . import _checks, _torch_private
-from .backprop import LINEAR, RELU, SIGMOID, ChainFunction, apply_chain
+from .backprop import LINEAR, SIGMOID, ChainFunction, apply_chain
+from .backprop import RELU as RELU  # (the layer kinds torchbp.nn.Sequential passes to _chain)
 from .equations import (
     binary_cross_entropy_backward,
     binary_cross_entropy_with_logits_backward,
