@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _events, functional
-from .nn import Linear, ReLU
+from .. import _events, functional
+from ..nn import Linear, ReLU
 
 __all__ = ["DeltaMonitor", "STATS"]
 
@@ -915,7 +915,7 @@ class DeltaMonitor:
         if step == self._image_step:
             return  # nothing logged since the last image
         self._image_step = step
-        from . import picture
+        from .. import picture
 
         def draw():
             try:
