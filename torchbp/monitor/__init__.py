@@ -520,6 +520,8 @@ class DeltaMonitor:
         or δ was not finite (``delta_nonfinite`` is then 1). Written with a log only; at most
         ``max_history`` steps, evenly spaced over the run (older steps are thinned by halves when full).
         """
+        if self._sink is not None:
+            self._host.write_arrived(wait=True)  # (the steps still on their way to the event file)
         return self._host.read_history()
 
     def report(self) -> str:
