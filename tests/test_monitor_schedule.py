@@ -54,15 +54,20 @@ class CallCounter:
     """Counts the calls of the record math (layer_record, dead_record) and passes them through."""
 
     def __init__(self, monkeypatch) -> None:
-        self.calls = {"layer_record": 0, "dead_record": 0}
+        self.calls = {"layer_record": 0, "Records.add": 0, "dead_record": 0}  # (Records.add: eager's layer_record)
         for name in self.calls:
-            original = getattr(records_module, name)
+            owner = records_module.Records if name == "Records.add" else records_module
+            attribute = name.split(".")[-1]
+            original = getattr(owner, attribute)
 
             def counted(*args, _name=name, _original=original, **kwargs):
                 self.calls[_name] += 1
                 return _original(*args, **kwargs)
 
-            monkeypatch.setattr(records_module, name, counted)
+            monkeypatch.setattr(owner, attribute, counted)
+
+    def layers(self) -> int:
+        return self.calls["layer_record"] + self.calls["Records.add"]
 
     def total(self) -> int:
         return sum(self.calls.values())
@@ -96,7 +101,7 @@ def test_unlogged_steps_compute_no_record_eager(model, monkeypatch, tmp_path):
     oracle.remove()
     layers = len(monitor.layers)
     logged = len(range(0, steps, every))
-    assert counter.calls["layer_record"] == layers * logged
+    assert counter.layers() == layers * logged
     assert counter.calls["dead_record"] == len(relu_after) * logged
     assert sorted(scalar_series(read_events(tmp_path), f"delta_norm/{next(iter(monitor.layers))}")) == [0, 3, 6]
 
@@ -311,4 +316,26 @@ def test_report_formats_the_analysis_of_the_history(tmp_path):
     with torchbp.DeltaMonitor(bp_model, log=tmp_path, every=1, histogram_every=0, image_every=0) as m:
         for _ in range(3):
             loss_fn(bp_model(x), y[:, :3]).backward()
-        assert m.report() == report.format_report(report.analyze(m.history()))
+        text = m.report()
+    history = m.history()
+    assert text == report.format_report({"monitor": history}, {"monitor": report.analyze(history)})
+    assert text.startswith("run monitor: 4 layers") and "3 logged steps" in text
+
+
+def test_a_layer_called_twice_keeps_the_call_whose_backward_ran_last():
+    """The eager records of one backward pass are written together: a layer called twice keeps its first call's
+    (its backward runs last), as torch's δ of that call says."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6).double()
+    bp = torchbp.convert(copy.deepcopy(lin))
+    x = torch.randn(8, 6, dtype=torch.float64)
+    z1 = lin(x)
+    z1.retain_grad()
+    lin(torch.tanh(z1)).square().sum().backward()
+    with torchbp.DeltaMonitor(bp) as monitor:
+        bp(torch.tanh(bp(x))).square().sum().backward()
+        stats = monitor.latest()[""]
+    delta = z1.grad
+    assert stats["delta_norm"] == pytest.approx(delta.sum(0).norm().item(), rel=1e-12)
+    assert stats["delta_fro"] == pytest.approx(delta.norm().item(), rel=1e-12)
+    assert stats["delta_sample_norm_max"] == pytest.approx(delta.norm(dim=1).max().item(), rel=1e-12)

@@ -427,6 +427,7 @@ class DeltaMonitor:
         self._task = None
         self._end_discovery()  # (a model whose root forward never ran: the data flow is read by now)
         plan, gen = self._schedule.plan, self._gen
+        self._records.flush()  # (the eager records of this backward pass, all layers at once)
         if plan.record and self._dirty:  # (recorded: its layers had their slots)
             scale = None
             if self.scaler is not None and self.scaler._scale is not None:
@@ -524,11 +525,13 @@ class DeltaMonitor:
             self._host.write_arrived(wait=True)  # (the steps still on their way to the event file)
         return self._host.read_history()
 
-    def report(self) -> str:
-        """What the δ statistics of :meth:`history` say, in words (:func:`torchbp.report.format_report`)."""
+    def report(self, name: str = "monitor") -> str:
+        """What the δ statistics of :meth:`history` say, in words: :func:`torchbp.report.format_report` of
+        :func:`torchbp.report.analyze`, as ``torchbp report LOGDIR`` prints it, for one run called ``name``."""
         from .. import report as _report
 
-        return _report.format_report(_report.analyze(self.history()))
+        history = self.history()
+        return _report.format_report({name: history}, {name: _report.analyze(history)})
 
 
 def _unwrap(model: Any) -> nn.Module:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -79,6 +79,15 @@ def layer_record(
     samples = per_sample.new_full((), n if count else math.nan)
     values = [_norm(bias_grad), weight_norm, mean, largest, torch.linalg.vector_norm(per_sample), samples, gen]
     return torch.stack(values, out=out)  # (stack casts to out's dtype)
+
+
+class PendingRecord(NamedTuple):
+    """What an eager backward keeps of a layer until the end of the backward pass (see :meth:`Records.add`)."""
+
+    row: int
+    per_sample: Tensor  # ‖δ_n‖, shape (n,)
+    bias_norm: Tensor  # ‖Σ_n δ_n‖ = ‖∂C/∂b‖ (BP3), 0-d
+    weight_norm: Tensor | None  # ‖∂C/∂W‖ (BP4), 0-d; None: not computed
 
 
 def dead_record(a: Tensor, gen: Tensor, out: Tensor) -> Tensor:
@@ -162,6 +171,8 @@ class Records:
         self.with_vectors = vectors
         self.per_sample: dict[str, dict[str, Tensor | None]] = {}  # the last recorded step's, per layer
         self.hists: dict[str, Tensor | None] = {}  # the current step's δ histograms, per layer
+        self.batch: list[PendingRecord] = []  # the current eager backward pass's layers, written by flush()
+        self._rows: dict[tuple[int, ...], Tensor] = {}
         self.set(*self.new(dtype, device))
 
     def new(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -175,6 +186,10 @@ class Records:
         """The records' buffer (and vectors), and each layer's views of it."""
         self.buffer, self.vectors = buffer, vectors
         gen = buffer[-1, 0]
+        self._columns = buffer[:, :DEAD]  # (the columns flush() writes)
+        self._gen = gen
+        self._minus_one = buffer.new_full((), -1.0)  # ‖∂C/∂W‖ not computed
+        self._nan = buffer.new_full((len(self.widths),), math.nan)  # the sample count, not recorded
         self.views = [(gen, buffer[row, :DEAD], buffer[row, DEAD:]) for row in range(len(self.widths))]
 
     def follow(self, delta: Tensor) -> None:
@@ -187,9 +202,58 @@ class Records:
         buffer.copy_(old.to(device=delta.device, dtype=dtype))
         self.set(buffer, vectors)
 
+    def add(self, row: int, delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+        """An eager backward's layer: what :func:`layer_record` computes, in two passes now (‖δ_n‖ per row; the
+        norms of the bias and weight gradients in one ``_foreach_norm``) and the rest for every layer of the
+        backward pass at once, in :meth:`flush`. Nothing of δ or the gradients is held (a gradient held past
+        its Function's return would make autograd copy it into ``.grad``)."""
+        n = delta.shape[0] if delta.dim() > 1 else 1
+        per_sample = _row_norms(delta.reshape(n, -1))  # ‖δ_n‖, one pass over δ
+        bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3
+        grads = [bias_grad] if grad_weight is None else [bias_grad, grad_weight]
+        norms = torch._foreach_norm(grads, 2, dtype=_ACCUMULATE.get(bias_grad.dtype))  # BP3 and BP4, one pass each
+        self.batch.append(PendingRecord(row, per_sample, norms[0], norms[1] if grad_weight is not None else None))
+
+    def flush(self) -> None:
+        """Write the records of :meth:`add` into the buffer: a few ops for all layers together (the same values
+        as :func:`layer_record`'s, which the compiled backward uses)."""
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        if len({p.row for p in batch}) < len(batch):  # a layer called several times: the backward that ran last
+            batch = list({p.row: p for p in batch}.values())
+        buffer = self.buffer
+        dtype = buffer.dtype
+
+        def cast(t: Tensor) -> Tensor:
+            return t if t.dtype == dtype else t.to(dtype)
+
+        lengths = {p.per_sample.shape[0] for p in batch}
+        if len(lengths) == 1 and 0 not in lengths:  # (the same batch size everywhere: one (layers, n) matrix)
+            per_sample = torch.stack([cast(p.per_sample) for p in batch])
+            mean, largest, fro = per_sample.mean(1), per_sample.amax(1), torch.linalg.vector_norm(per_sample, dim=1)
+        else:
+            zero = buffer.new_zeros(())
+            per = [cast(p.per_sample) for p in batch]
+            mean = torch.stack([v.mean() if v.numel() else zero for v in per])
+            largest = torch.stack([v.amax() if v.numel() else zero for v in per])
+            fro = torch.stack([torch.linalg.vector_norm(v) for v in per])
+        layers = len(batch)
+        norms = [cast(p.bias_norm) for p in batch] + [
+            self._minus_one if p.weight_norm is None else cast(p.weight_norm) for p in batch
+        ]
+        norms = torch.stack(norms).view(2, layers)
+        gen = self._gen.expand(layers)
+        block = torch.stack([norms[0], norms[1], mean, largest, fro, self._nan[:layers], gen], dim=1)  # DELTA_NORM … GEN
+        key = tuple(p.row for p in batch)
+        rows = self._rows.get(key)
+        if rows is None or rows.device != buffer.device:
+            rows = self._rows[key] = torch.tensor(key, device=buffer.device)
+        self._columns.index_copy_(0, rows, block)
+
     def next_generation(self, gen: int) -> None:
         """The next recorded step's records carry ``gen`` (one device write, after a step that may have recorded)."""
-        self.buffer[-1, 0].fill_(float(gen))
+        self._gen.fill_(float(gen))
 
     def snapshot(self, scale: Tensor | None) -> Tensor:
         """A copy of the records with a GradScaler's ``scale`` divided out of the norm columns (on the device)."""
@@ -236,9 +300,12 @@ class LayerSlot:
         if not plan.record:
             return  # (a step the schedule armed for but does not record: several backward passes per step)
         with _no_grad():
-            d = delta.detach()
-            gen, row, _ = records.views[self.row]
-            layer_record(d, grad_weight, grad_bias, gen, row, records.with_vectors)
+            d = delta.detach() if delta.requires_grad else delta
+            if records.with_vectors:  # (global statistics also need the sample count)
+                gen, row, _ = records.views[self.row]
+                layer_record(d, grad_weight, grad_bias, gen, row, count=True)
+            else:
+                records.add(self.row, d, grad_weight, grad_bias)  # (written with the others at the end of backward)
             self._record_vector(d, grad_bias)
             if self.needs_input:
                 records.per_sample[self.name] = _per_sample_grad_norms(d, input.detach(), grad_bias is not None)
@@ -260,7 +327,7 @@ class LayerSlot:
         if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(a):
             return
         with _no_grad():
-            a = a.detach()
+            a = a.detach() if a.requires_grad else a
             if compiling:
                 dead_record(a, records.buffer[-1, 0], records.buffer[self.row, DEAD:])
             else:
