@@ -51,6 +51,7 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # (this checkout's torchbp, not an installed one)
 from bench_step import (  # noqa: E402
     ACTIVATIONS,
     LENGTH,
