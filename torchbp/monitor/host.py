@@ -50,6 +50,8 @@ from .writer import png_size
 #: a background thread writes those left when training pauses. With the writer's own 0.05 s, every logged step
 #: is handed to the operating system within about 0.25 s.
 BATCH_S = 0.1
+#: The largest share of the run's time that drawing the δ map in the background may take (see HostSide.write_image).
+IMAGE_SHARE = 0.01
 #: The most steps :meth:`History.read` holds (see :class:`History`).
 MAX_HISTORY = 2048
 
@@ -236,6 +238,7 @@ class HostSide:
         self.error: BaseException | None = None
         self.drawing: threading.Thread | None = None
         self.image_step: int | None = None
+        self.next_image_at = 0.0  # (monotonic seconds) no δ map drawn in the background before then
         self.layout_written = False
         self.warned: set[str] = set()
 
@@ -405,6 +408,8 @@ class HostSide:
             if background and self.drawing.is_alive():
                 return  # one drawing at a time
             self.drawing.join()
+        if background and time.monotonic() < self.next_image_at:
+            return  # (the δ map costs at most IMAGE_SHARE of the time: see next_image_at)
         history = self.read_history()
         step, sink = history["steps"][-1], self.sink
         if step == self.image_step:
@@ -413,11 +418,17 @@ class HostSide:
         from .. import picture
 
         def draw():
+            started = time.monotonic()
             try:
                 png = picture.render_png(picture.delta_map_figure({"": history}))
             except ImportError as e:
                 self.warn_once("matplotlib", f"no δ map image in TensorBoard: {e}")
                 return
+            finally:
+                # matplotlib takes ~0.2-0.6 s for one picture: the next one in the background waits long enough
+                # for drawing to take at most IMAGE_SHARE of the run's time, whatever image_every says.
+                now = time.monotonic()
+                self.next_image_at = now + (now - started) * (1 / IMAGE_SHARE - 1)
             summary = _events.scalar_summary([])
             summary.value.append(_events.image_value("delta_map", png, *png_size(png)))
             sink.write(_events.ScalarEvents([]).event(step, time.time(), [], summary.SerializeToString()))
