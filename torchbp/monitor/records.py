@@ -126,16 +126,20 @@ def _histogram(delta: Tensor) -> Tensor | None:
     return torch.cat([torch.stack([*stats, lo, hi]), counts])
 
 
-def _per_sample_grad_norms(delta: Tensor, a: Tensor, has_bias: bool) -> dict[str, Tensor | None]:
+def _per_sample_grad_norms(
+    delta: Tensor, a: Tensor, has_bias: bool, delta_norms: Tensor | None = None
+) -> dict[str, Tensor | None]:
     r"""‖∂C_n/∂W‖ and ‖∂C_n/∂b‖ per sample n, from BP4's rank-1 structure, without per-sample gradients.
 
     For 2-D inputs ∂C_n/∂W = δ_n a_n^T, so ‖∂C_n/∂W‖ = ‖δ_n‖ ‖a_n‖. For (N, T, in) inputs
     ∂C_n/∂W = Σ_t δ_nt a_nt^T, and ‖·‖² = Σ_{t,s} (δ_nt·δ_ns)(a_nt·a_ns), the sum of the product of the
-    two Gram matrices (or the explicit (out, in) sum when that is smaller than T×T).
+    two Gram matrices (or the explicit (out, in) sum when that is smaller than T×T). ``delta_norms``: the
+    ‖δ_n‖ already computed for the layer's record, if any.
     """
     n = delta.shape[0] if delta.dim() > 1 else 1
     if delta.dim() <= 2:
-        delta_norms = _row_norms(delta.reshape(n, -1))
+        if delta_norms is None:
+            delta_norms = _row_norms(delta.reshape(n, -1))
         a_norms = _row_norms(a.reshape(n, -1))
         return {"weight": delta_norms * a_norms, "bias": delta_norms if has_bias else None}
     d3 = delta.reshape(n, -1, delta.shape[-1])
@@ -202,17 +206,18 @@ class Records:
         buffer.copy_(old.to(device=delta.device, dtype=dtype))
         self.set(buffer, vectors)
 
-    def add(self, row: int, delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+    def add(self, row: int, delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None) -> Tensor:
         """An eager backward's layer: what :func:`layer_record` computes, in two passes now (‖δ_n‖ per row; the
         norms of the bias and weight gradients in one ``_foreach_norm``) and the rest for every layer of the
         backward pass at once, in :meth:`flush`. Nothing of δ or the gradients is held (a gradient held past
-        its Function's return would make autograd copy it into ``.grad``)."""
+        its Function's return would make autograd copy it into ``.grad``). Returns ‖δ_n‖."""
         n = delta.shape[0] if delta.dim() > 1 else 1
         per_sample = _row_norms(delta.reshape(n, -1))  # ‖δ_n‖, one pass over δ
         bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3
         grads = [bias_grad] if grad_weight is None else [bias_grad, grad_weight]
         norms = torch._foreach_norm(grads, 2, dtype=_ACCUMULATE.get(bias_grad.dtype))  # BP3 and BP4, one pass each
         self.batch.append(PendingRecord(row, per_sample, norms[0], norms[1] if grad_weight is not None else None))
+        return per_sample
 
     def flush(self) -> None:
         """Write the records of :meth:`add` into the buffer: a few ops for all layers together (the same values
@@ -301,14 +306,16 @@ class LayerSlot:
             return  # (a step the schedule armed for but does not record: several backward passes per step)
         with _no_grad():
             d = delta.detach() if delta.requires_grad else delta
+            delta_norms = None
             if records.with_vectors:  # (global statistics also need the sample count)
                 gen, row, _ = records.views[self.row]
                 layer_record(d, grad_weight, grad_bias, gen, row, count=True)
-            else:
-                records.add(self.row, d, grad_weight, grad_bias)  # (written with the others at the end of backward)
+            else:  # (written with the other layers' at the end of the backward pass)
+                delta_norms = records.add(self.row, d, grad_weight, grad_bias)
             self._record_vector(d, grad_bias)
             if self.needs_input:
-                records.per_sample[self.name] = _per_sample_grad_norms(d, input.detach(), grad_bias is not None)
+                per_sample = _per_sample_grad_norms(d, input.detach(), grad_bias is not None, delta_norms)
+                records.per_sample[self.name] = per_sample
             if plan.histogram:
                 records.hists[self.name] = _histogram(d)
 
