@@ -61,8 +61,8 @@ def _monitored_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _out_features(layer: nn.Module) -> int:
-    """The width of a monitored layer's output z (a Linear's weight is (out, in))."""
-    return int(layer.weight.shape[0])
+    """The width of a monitored layer's output z (every monitored layer has ``out_features``)."""
+    return int(layer.out_features)
 
 
 class _Hook:
@@ -282,7 +282,12 @@ class DeltaMonitor:
         self._attached = self._armed = self._dirty = False
         self._stance_forced = False
         self._handles: list[Any] = []
-        self.attach()
+        try:
+            self.attach()
+        except BaseException:
+            if self._owns_writer:
+                self.writer.close()  # (nothing was attached: nothing is left behind)
+            raise
 
     def _open(self, log, log_rank) -> None:
         self.writer, self._owns_writer, self._sink = None, False, None

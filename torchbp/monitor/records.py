@@ -348,9 +348,10 @@ class LayerSlot:
                 alive = rows.amax(0) if rows.shape[0] else rows.new_zeros(rows.shape[1])
                 records.vectors[start : start + alive.shape[0]].copy_(alive != 0)
 
-    def consumes(self, producer: LayerSlot) -> None:
+    def consumes(self, producer: LayerSlot | None) -> None:
         """This layer reads ``producer``'s output through element-wise operations (known without the graph)."""
-        self.flow.add(producer.row, self.row)
+        if producer is not None and producer.flow is self.flow:
+            self.flow.add(producer.row, self.row)
 
     def discover(self, input: Tensor) -> None:
         """In an eager forward: the monitored Linears whose output reaches this layer's input through
