@@ -339,3 +339,25 @@ def test_a_layer_called_twice_keeps_the_call_whose_backward_ran_last():
     assert stats["delta_norm"] == pytest.approx(delta.sum(0).norm().item(), rel=1e-12)
     assert stats["delta_fro"] == pytest.approx(delta.norm().item(), rel=1e-12)
     assert stats["delta_sample_norm_max"] == pytest.approx(delta.norm(dim=1).max().item(), rel=1e-12)
+
+
+def test_a_nonfinite_delta_on_an_unlogged_step_is_found_at_the_next_logged_step(tmp_path):
+    """Nothing is computed on an unlogged step, so its NaN is not seen there; SGD carries it into the weights and
+    the next logged step flags it (every=1 would flag the step itself)."""
+    _, bp_model, _ = make_models(mixed_mlp, "cpu")
+    opt = torch.optim.SGD(bp_model.parameters(), lr=0.1)
+    data = batches(3)
+    flagged = []
+    with pytest.warns(UserWarning, match="not finite at step 2"):
+        with torchbp.DeltaMonitor(bp_model, log=tmp_path, every=2, histogram_every=0, image_every=0) as monitor:
+            for step, (x, y) in enumerate(data):
+                if step == 1:
+                    x = x.clone()
+                    x[0, 0] = math.nan
+                opt.zero_grad(set_to_none=True)
+                loss_fn(bp_model(x), y).backward()
+                opt.step()
+                flagged.append(monitor.first_nonfinite)
+            monitor.flush()
+    assert flagged == [None, None, "4"]  # step 1's NaN: unseen at step 1 (latest() is step 0), found at step 2
+    assert scalar_series(read_events(tmp_path), "delta_nonfinite/4") == {0: 0.0, 2: 1.0}

@@ -18,6 +18,10 @@ callable's value then. A compiled model's forward pass does not re-arm (Dynamo w
 value), so with a step callable a compiled model is armed, at the end of a backward pass at step ``s``,
 for the next backward pass if step ``s`` or ``s + 1`` is still to be recorded (with accumulation, the
 remaining micro-batches of the step before a logged one are then recorded too, and not logged).
+
+A backward pass is seen by a hook on each monitored parameter (and, when it records, by the layers'
+backward): one that computes no monitored parameter's gradient (``torch.autograd.grad`` with respect to
+inputs only) is counted only when it records.
 """
 
 from __future__ import annotations
