@@ -33,7 +33,7 @@ from ..nn import Linear, ReLU
 from . import dataflow, host, ranks, records, schedule, writer
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
-from .records import (
+from .records import (  # noqa: F401 (the record's columns, re-exported)
     COLUMNS,
     DEAD,
     DEAD_GEN,
