@@ -321,7 +321,7 @@ def test_report_on_the_demo_tells_the_sigmoid_story(demo_logs):
     assert relu.startswith("run relu: 5 layers (hidden1, hidden2, hidden3, hidden4, output), 12 logged steps")
     assert " ok: no problem found" in relu and "VANISHING" not in relu, relu
     assert sigmoid.startswith("run sigmoid: 5 layers"), sigmoid
-    assert " VANISHING: δ vanishes toward the input: the mean over samples of ‖δ_n‖ of hidden1 is" in sigmoid
+    assert " VANISHING: δ vanishes toward the input: ‖δ‖ over the batch (Frobenius) of hidden1 is" in sigmoid
     assert "below 10% at 12 of 12 logged steps (steps 0-22)" in sigmoid, sigmoid
     assert out.rstrip().endswith("\ntorchbp report: 1 problem in 1 of 2 runs (sigmoid)")
 
@@ -334,7 +334,7 @@ def test_report_json(demo_logs):
     sigmoid = data["runs"]["sigmoid"]
     assert sigmoid["layers"] == LAYERS and sigmoid["steps"] == list(range(0, 23, 2))
     (finding,) = [f for f in sigmoid["findings"] if f["problem"]]
-    assert finding["kind"] == "vanishing" and finding["stat"] == "delta_sample_norm_mean"
+    assert finding["kind"] == "vanishing" and finding["stat"] == "delta_fro"  # (the demo logs ‖δ‖ over the batch)
     assert finding["layers"] == LAYERS and len(finding["values"]) == 5 and finding["values"][0] < finding["values"][-1]
     assert [f["kind"] for f in data["runs"]["relu"]["findings"]] == ["ok"]
 

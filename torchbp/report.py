@@ -159,7 +159,7 @@ class Finding:
 def _stat_names() -> tuple[str, ...]:
     from torchbp.monitor import STATS  # (here: the monitor may import this module)
 
-    return (*STATS, *EXTRA_STATS)
+    return (*STATS, *(stat for stat in EXTRA_STATS if stat not in STATS))
 
 
 def _runs(path: str) -> list[str]:

@@ -1,0 +1,550 @@
+r"""Watch error propagation: the per-layer error δ^l = ∂C/∂z^l, recorded where backward holds it.
+
+δ^l is the ``grad_output`` that :class:`torchbp.functional.LinearFunction`'s hand-written backward
+receives. A :class:`DeltaMonitor` gives each :class:`torchbp.nn.Linear` of a model a *slot*, for the
+backward passes whose statistics it logs: the backward reduces δ^l and the BP3/BP4 gradients it has
+just computed to a fixed-size record with tensor ops and writes it into a small buffer in place. The same
+code runs eager and under ``torch.compile``; nothing synchronises with the device until a logged step
+copies the buffer out. On the other steps the layers get no slot and run exactly as without a monitor.
+
+The package, one job per module:
+
+- :mod:`torchbp.monitor.records`: the records written in backward (tensor math behind the slot interface)
+- :mod:`torchbp.monitor.schedule`: which step is recorded and logged, the step axis
+- :mod:`torchbp.monitor.dataflow`: the data flow between layers (for the gains)
+- :mod:`torchbp.monitor.host`: the host side: the copy, the statistics table, the bounded history, events
+- :mod:`torchbp.monitor.writer`: opening the event writer, and the sink events go to
+- :mod:`torchbp.monitor.ranks`: the merge across ranks
+- this module: :class:`DeltaMonitor`, the facade (configuration, attach/detach, reading)
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..nn import ReLU, is_monitored_layer
+from .. import _torch_private
+from . import dataflow, host, ranks, records, schedule, writer
+from .dataflow import DataFlow
+from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
+from .records import (  # noqa: F401 (the record's columns, re-exported)
+    COLUMNS,
+    DEAD,
+    DEAD_GEN,
+    DELTA_NORM,
+    FRO,
+    GEN,
+    HISTOGRAM_BINS,
+    STATS,
+    WEIGHT_NORM,
+    LayerSlot,
+    ReLUSlot,
+    Records,
+    dead_record,
+    layer_record,
+)
+from .records import _norm
+from .schedule import Schedule, StepPlan
+
+__all__ = ["DeltaMonitor", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
+
+
+def _monitored_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers a monitor records, by qualified name, in model order: every :class:`torchbp.nn.Linear`."""
+    return {name: m for name, m in model.named_modules() if is_monitored_layer(m)}
+
+
+def _out_features(layer: nn.Module) -> int:
+    """The width of a monitored layer's output z (every monitored layer has ``out_features``)."""
+    return int(layer.out_features)
+
+
+class _Hook:
+    """A hook the monitor puts on the model or on a parameter. A copy of the model (``copy.deepcopy``,
+    ``torch.save``, ``AveragedModel``) gets a hook that does nothing instead: the copy is not monitored,
+    and copying needs nothing of the monitor (its threads and locks cannot be copied)."""
+
+    __torch_unserializable__ = True  # (torch.save leaves parameter hooks out: no warning for these)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __reduce__(self):
+        return (_Hook, (_nothing,))
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+# Which monitor owns each monitored module (a copy of a module is not in it).
+_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class DeltaMonitor:
+    r"""Records δ^l = ∂C/∂z^l of every :class:`torchbp.nn.Linear` of a model, on the steps it logs.
+
+    For each layer and logged step, the hand-written backward computes (on δ's device, with tensor ops,
+    eager or compiled, without a host sync):
+
+    ============================  ===================================================================
+    TensorBoard tag               value
+    ============================  ===================================================================
+    ``delta_norm/<layer>``        ‖Σ_n δ_n‖ = ‖∂C/∂b‖ (BP3), Nielsen's speed of learning of the layer
+    ``delta_fro/…``               ‖δ‖ over the whole batch (Frobenius, √Σ_n ‖δ_n‖²)
+    ``delta_sample_norm_mean/…``  mean over samples of ‖δ_n‖
+    ``delta_sample_norm_max/…``   max over samples of ‖δ_n‖
+    ``weight_grad_norm/…``        ‖∂C/∂W‖ (BP4)
+    ``delta_gain/…``              ‖δ^l‖ / ‖δ^c‖ (Frobenius norms over the batch), where c is the monitored
+                                  Linear that consumes layer l's output through element-wise
+                                  operations only (activations, residual additions, casts, dropout):
+                                  the next layer of an MLP, fc1 → fc2 of a transformer's MLP. With
+                                  several consumers, ‖δ^c‖ is the norm of all their δ together
+                                  (√Σ_c ‖δ^c‖²). Absent where no monitored Linear consumes the output
+                                  that way (the output layer; q/k/v projections feeding attention;
+                                  a layer followed by LayerNorm). < 1 vanishing, > 1 exploding
+    ``dead_fraction/…``           for a layer whose output goes straight into a torchbp ReLU: the
+                                  fraction of units whose σ'(z) was 0 for every sample
+    ``delta_nonfinite/…``         1 if δ held a NaN or Inf, else 0 (the other values of that
+                                  layer and step are then not written: they are not numbers)
+    ============================  ===================================================================
+
+    ``<layer>`` is the module's qualified name in the model (``"0"``, ``"encoder.fc1"``). Layers are
+    listed in reverse model order (the output layer first: backward order, for a sequential model).
+
+    **Steps.** A backward pass that reaches a monitored layer (``loss.backward()`` or
+    ``torch.autograd.grad``) has a step number: by default they count backward passes from 0; with
+    ``step=`` (the one documented way to follow your own counter, e.g. ``step=lambda: trainer.global_step``
+    or the number of optimizer steps) it is that callable's value when the backward pass begins, so δ
+    charts share their x-axis with your loss. :attr:`step` is the last backward pass's number. Step ``s`` is
+    logged when ``s % every == 0``. **Gradient accumulation** (several backward passes with the same step):
+    the first backward pass of a logged step is recorded and logged; the others of that step record
+    nothing.
+
+    **Free when not logging.** Only a backward pass that is logged (or writes histograms) computes
+    statistics: for the others the layers get no slot, and their forward and backward are exactly those of
+    an unmonitored model (what remains is a hook per monitored parameter that counts the pass). What is not
+    known on an unlogged step: its statistics, including a non-finite δ: a NaN or Inf on an unlogged step
+    is found at the next logged step (where it has usually reached the weights through the optimizer step);
+    ``every=1`` checks every step, at the cost measured by ``benchmarks/bench_monitor.py``. :meth:`latest`,
+    :attr:`first_nonfinite` and :meth:`per_sample_grad_norms` read the last logged step.
+
+    **Compiled models.** The statistics are tensor ops in the backward, so ``torch.compile`` (also with
+    ``fullgraph=True``) compiles them into the backward graph. A logged and an unlogged step run two
+    compiled graphs (with and without the records), each compiled once and cached: no recompilation
+    after the first of each. Attaching a monitor to a compiled model, or closing it, changes what the
+    layers' forward reads, so the next call recompiles once. The data flow between layers (for
+    ``delta_gain`` and ``dead_fraction``) is read from the autograd graph of one eager forward pass: from
+    attaching until the first forward pass with gradients, ``torch.compile`` runs eagerly (its stance is
+    ``"force_eager"``), then compiles as usual. δ histograms are recorded in eager backward passes only.
+    With a step callable, see :mod:`torchbp.monitor.schedule` for when a compiled model is armed.
+
+    **Logging.** With ``log`` set, the statistics of every logged step are copied to the host
+    (non-blocking, into pinned memory, on CUDA); their events are built in batches and written by a
+    background thread. Flush policy: each logged step is handed to the operating system within about
+    0.25 s (it then survives the process being killed), and all of them by :meth:`flush`, :meth:`close` or
+    normal interpreter exit. Histograms of δ per layer (tag ``delta/<layer>``) are written every
+    ``histogram_every`` steps; a picture of δ per layer and step (the δ map, tag ``delta_map``) every
+    ``image_every`` steps, but no sooner after the last one than keeps its drawing (matplotlib, ~0.2 s) under
+    1% of the time (``torchbp.monitor.host.IMAGE_SHARE``), and on close. Under ``torch.distributed``, only rank ``log_rank`` writes
+    (default 0). :meth:`history` keeps at most ``max_history`` logged steps (evenly spaced over the run:
+    see :class:`torchbp.monitor.host.History`), so memory is bounded in the run's length.
+
+    **Copies.** A monitored model can be deep-copied, pickled with ``torch.save`` and wrapped by
+    ``torch.optim.swa_utils.AveragedModel``, before and after its first forward pass: the copy is not
+    monitored, the original still is.
+
+    Args:
+        model: a module containing :class:`torchbp.nn.Linear` layers (built with them or converted by
+            :func:`torchbp.convert`); a ``DistributedDataParallel`` or compiled wrapper is unwrapped.
+        log: a log directory (created if needed), a ``torch.utils.tensorboard.SummaryWriter``, or
+            ``None`` to only record (see :meth:`latest`). Default: ``None``.
+        every: log (and record) every this many steps. Default: ``10`` with ``log``, ``1`` without (a
+            monitor without a log is read with :meth:`latest` after any step).
+        histogram_every: write δ histograms every this many steps; ``0`` for never. Default:
+            ``10 * every``.
+        image_every: draw the δ map every this many steps (needs matplotlib); ``0``: only on close.
+            Default: ``100 * every``.
+        per_sample_norms: also compute each sample's weight- and bias-gradient norm (see
+            :meth:`per_sample_grad_norms`; eager backward passes only). Default: ``False``.
+        scaler: the ``torch.amp.GradScaler`` scaling the loss: its scale is divided out of the norms
+            (on the device). Default: ``None``.
+        global_stats: under ``torch.distributed``, log statistics over all ranks' samples (one
+            all-gather of the small per-layer records on logged steps only; every rank must run the
+            same steps). Default: ``False``: rank ``log_rank``'s own samples.
+        log_rank: the rank that writes under ``torch.distributed``; ``None``: every rank writes, to
+            ``<log>/rank<r>``. Default: ``0``.
+        step: a callable returning the current step number (an int), or ``None`` to count backward
+            passes. Default: ``None``.
+        max_history: the most logged steps :meth:`history` holds. Default: ``2048``.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torchbp.nn.Linear(4, 8), torchbp.nn.ReLU(), torchbp.nn.Linear(8, 3))
+        >>> with torchbp.DeltaMonitor(model, log="runs/example") as monitor:
+        ...     torchbp.nn.CrossEntropyLoss()(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+        >>> list(monitor.latest())
+        ['2', '0']
+
+    A layer called several times in one forward is recorded once per call; :meth:`latest` keeps the
+    values of the call whose backward ran last (the first call).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        log: str | os.PathLike | Any | None = None,
+        every: int | None = None,
+        histogram_every: int | None = None,
+        image_every: int | None = None,
+        per_sample_norms: bool = False,
+        scaler: Any = None,
+        global_stats: bool = False,
+        log_rank: int | None = 0,
+        step: Callable[[], int] | None = None,
+        max_history: int = MAX_HISTORY,
+    ) -> None:
+        model = _unwrap(model)
+        if every is None:
+            every = 10 if log is not None else 1
+        for name, value in (
+            ("every", every),
+            ("histogram_every", histogram_every),
+            ("image_every", image_every),
+            ("max_history", max_history),
+        ):
+            low = 0 if name in ("histogram_every", "image_every") else 1
+            if (value is not None or name == "every") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < low
+            ):
+                raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
+        if scaler is not None and not hasattr(scaler, "get_scale"):
+            raise TypeError(f"DeltaMonitor: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if step is not None and not callable(step):
+            raise TypeError(
+                f"DeltaMonitor: step must be a callable returning the step number (e.g. "
+                f"step=lambda: trainer.global_step) or None, got {type(step).__name__}"
+            )
+        layers = _monitored_layers(model)
+        if not layers:
+            plain = [name or "<model>" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+            hint = (
+                f"; it has torch.nn.Linear layers ({', '.join(plain[:5])}): call torchbp.convert(model) first"
+                if plain
+                else "; build the model with torchbp.nn.Linear or call torchbp.convert(model)"
+            )
+            raise ValueError(f"DeltaMonitor: found no torchbp.nn.Linear in {type(model).__name__}{hint}")
+        self.model = model
+        self.layers = dict(reversed(layers.items()))  # backward order for a sequential model
+        self._names = list(self.layers)
+        self.every = every
+        self.histogram_every = 10 * every if histogram_every is None else histogram_every
+        self.image_every = 100 * every if image_every is None else image_every
+        self.per_sample_norms = bool(per_sample_norms)
+        self.scaler = scaler
+        self.global_stats = bool(global_stats)
+        self.rank, self.world_size = ranks.rank_and_world()
+        self.max_history = max_history
+        self._open(log, log_rank)  # (the writer first: the histograms' schedule depends on it)
+        self._schedule = Schedule(every, self.histogram_every if self._sink is not None else 0, step)
+        widths = [_out_features(layer) for layer in self.layers.values()]
+        weights = [layer.weight for layer in self.layers.values()]
+        dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+        self._records = Records(widths, dtype, weights[0].device, self.global_stats and self.world_size > 1)
+        self._flow = DataFlow(len(self.layers))
+        self._slots = {
+            name: LayerSlot(self._records, self._flow, name, row, self.per_sample_norms, self._backward_seen)
+            for row, name in enumerate(self.layers)
+        }
+        self._host = HostSide(
+            Layout(widths, self._records.vector_at, self._flow),
+            self._names,
+            self._sink,
+            self.writer,
+            self.image_every,
+            warn_nonfinite=scaler is None,
+        )
+        self._host.history = host.History(len(self.layers), max_history)
+        self._relus: dict[ReLU, ReLUSlot] = {}
+        self._gen = 0  # the generation number the next recorded step's records carry (also in the buffer)
+        self._latest: tuple[Tensor, int] | None = None  # the last logged step's records and generation
+        self._task = None
+        self._eager_step = False
+        self._attached = self._armed = self._dirty = False
+        self._stance_forced = False
+        self._handles: list[Any] = []
+        try:
+            self.attach()
+        except BaseException:
+            if self._owns_writer:
+                self.writer.close()  # (nothing was attached: nothing is left behind)
+            raise
+
+    def _open(self, log, log_rank) -> None:
+        self.writer, self._owns_writer, self._sink = None, False, None
+        if log is not None and (log_rank is None or self.rank == log_rank):
+            if log_rank is None and self.world_size > 1 and isinstance(log, (str, os.PathLike)):
+                log = os.path.join(os.fspath(log), f"rank{self.rank}")
+            self.writer, self._owns_writer = writer.open_writer(log)
+            self._sink = writer._Sink(self.writer)
+
+    @property
+    def step(self) -> int:
+        """The step number of the last backward pass (``-1`` before the first)."""
+        return self._schedule.last
+
+    # -- attaching ---------------------------------------------------------------------------------
+
+    def attach(self) -> DeltaMonitor:
+        """Take the model's layers (done by the constructor); they get their slots on the steps that record."""
+        if self._attached:
+            return self
+        taken = [name for name, layer in self.layers.items() if layer in _owners]
+        if taken:
+            raise RuntimeError(f"DeltaMonitor: layer {taken[0]!r} is already monitored; close the other monitor first")
+        for layer in self.layers.values():
+            _owners[layer] = self
+        self._relus = {}
+        for relu in self.model.modules():
+            if isinstance(relu, ReLU) and relu not in _owners:
+                _owners[relu] = self
+                self._relus[relu] = ReLUSlot()
+        # Every backward pass through a monitored layer reaches a parameter's gradient: a hook there tells
+        # the monitor a step happened, also when its layers have no slot or the backward ran compiled.
+        for layer in self.layers.values():
+            for p in layer.parameters(recurse=False):
+                if p.requires_grad:
+                    self._handles.append(p.register_hook(_Hook(self._parameter_hook)))
+        if self._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
+            self._handles.append(self.model.register_forward_pre_hook(_Hook(self._before_forward)))
+        self._attached = True
+        self._start_discovery()
+        self._arm(True)  # (the first forward pass: it reads the data flow)
+        return self
+
+    def detach(self) -> None:
+        """Remove the slots: the model runs exactly as without a monitor."""
+        if not self._attached:
+            return
+        self._end_discovery()
+        self._arm(False)
+        for module in [*self.layers.values(), *self._relus]:
+            module.__dict__.pop("_torchbp_slot", None)
+            if _owners.get(module) is self:
+                del _owners[module]
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._attached = False
+
+    def _arm(self, on: bool) -> None:
+        """Hand the layers their slots (``on``) or none, for the coming forward and backward pass. Under
+        torch.compile, Dynamo guards on these attributes: a compiled graph with records and one without."""
+        on = on and self._attached
+        if on == self._armed:
+            return
+        self._armed = on
+        self._dirty = self._dirty or on
+        for name, layer in self.layers.items():
+            layer._torchbp_slot = self._slots[name] if on else None
+        for relu, slot in self._relus.items():
+            relu._torchbp_slot = slot if on else None
+
+    def _before_forward(self, module, args) -> None:
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return  # (traced by Dynamo as nothing: a compiled model is armed at the end of backward)
+        self._arm(self._schedule.arm_now() or self._flow.discovering)
+
+    def flush(self) -> None:
+        """Block until every step logged so far is written and handed to the operating system."""
+        if self._sink is not None:
+            self._host.flush()
+
+    def close(self) -> None:
+        """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""
+        self.detach()
+        self._host.close(self._owns_writer)
+        self._sink = None
+
+    def __enter__(self) -> DeltaMonitor:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the data flow, from one eager forward pass -------------------------------------------------------
+
+    def _start_discovery(self) -> None:
+        self._flow.discovering = True
+        self._flow.reset()
+        self._stance_forced = True
+        dataflow.force_eager(True)
+        self._discovery_hook = self.model.register_forward_hook(_Hook(self._forward_done))
+
+    def _forward_done(self, module, args, output) -> None:
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._end_discovery(restore_stance=False)  # (not inside a compiled call's frame)
+
+    def _end_discovery(self, restore_stance: bool = True) -> None:
+        if self._flow.discovering:
+            self._flow.discovering = False
+            self._discovery_hook.remove()
+        if restore_stance and self._stance_forced:
+            self._stance_forced = False
+            dataflow.force_eager(False)
+
+    # -- recording (called from backward) ------------------------------------------------------------
+
+    @torch.compiler.disable
+    def _parameter_hook(self, grad: Tensor) -> None:
+        if not _torch_private.is_functorch_wrapped(grad):
+            self._backward_seen(None)
+
+    def _backward_seen(self, delta: Tensor | None) -> StepPlan:
+        """A monitored layer's backward (``delta``, or ``None`` from a ReLU's) or a monitored parameter's
+        gradient (``None``) ran: the plan of this backward pass."""
+        task = _torch_private.current_graph_task_id()
+        if task != self._task:  # the first of a new backward pass
+            self._task = task
+            plan = self._schedule.begin()
+            if plan.record:
+                self._records.hists = {}
+                if self.per_sample_norms:
+                    self._records.per_sample = {}
+            self._eager_step = False
+            _torch_private.queue_end_of_backward_callback(self._end_of_backward)
+        if delta is not None:
+            self._eager_step = True
+            self._records.follow(delta)
+        return self._schedule.plan
+
+    def _end_of_backward(self) -> None:
+        self._task = None
+        self._end_discovery()  # (a model whose root forward never ran: the data flow is read by now)
+        plan, gen = self._schedule.plan, self._gen
+        self._records.flush()  # (the eager records of this backward pass, all layers at once)
+        if plan.record and self._dirty:  # (recorded: its layers had their slots)
+            scale = None
+            if self.scaler is not None and self.scaler._scale is not None:
+                scale = self.scaler._scale.detach().clone()
+            snapshot = self._records.snapshot(scale)
+            if plan.logged:
+                self._latest = (snapshot, gen)
+            if plan.logged and self._records.vectors is not None:  # global statistics: every rank logs this step
+                self._submit_global(plan, gen, snapshot, scale)
+            elif self._sink is not None:
+                self._host.queue(plan.step, gen, plan.logged, [snapshot, None, None], self._records.hists)
+            if plan.histogram and not self._eager_step:
+                self._host.warn_once(
+                    "histograms", f"no δ histograms at step {plan.step}: recorded in eager backward passes only"
+                )
+        elif plan.logged:
+            self._host.warn_once(
+                "unarmed",
+                f"step {plan.step} was not recorded: the step callable's value changed between the forward "
+                "and the backward pass of a compiled model",
+            )
+        if self._dirty:  # the next recorded step's records carry the next number
+            self._gen = (gen + 1) % (1 << 20)
+            self._records.next_generation(self._gen)
+        self._dirty = False
+        self._arm(self._schedule.arm_next())
+        self._dirty = self._armed
+
+    def _submit_global(self, plan: StepPlan, gen: int, snapshot: Tensor, scale: Tensor | None) -> None:
+        # After DistributedDataParallel's own end-of-backward callback (queued before this one), which
+        # all-reduces the gradients: then gather every rank's records.
+        vectors, hists = self._records.vectors.clone(), self._records.hists
+        queue = _torch_private.queue_end_of_backward_callback
+        queue(lambda: self._queue_global(plan.step, gen, snapshot, vectors, hists, scale))
+
+    def _queue_global(self, step: int, gen: int, snapshot: Tensor, vectors: Tensor, hists: dict, scale) -> None:
+        gathered, gathered_vectors = ranks.gather(snapshot, vectors, self.world_size)  # on logged steps only
+        if self._sink is None:
+            return
+        # ‖∂C/∂W‖ of the global batch: the norm of the gradient the all-reduce averaged over ranks.
+        weight_norms = [
+            _norm(w.grad) if (w := layer.weight).grad is not None else snapshot.new_full((), -1.0)
+            for layer in self.layers.values()
+        ]
+        weight_norms = torch.stack([n.to(snapshot.dtype) for n in weight_norms])
+        if scale is not None:
+            weight_norms = weight_norms / scale.to(weight_norms.dtype)
+        self._host.queue(step, gen, True, [gathered, gathered_vectors, weight_norms], hists)
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def latest(self) -> dict[str, dict[str, float | bool | None]]:
+        """The last logged step's statistics per layer (qualified name -> {stat: value}).
+
+        Keys are those of :data:`STATS`; ``delta_nonfinite`` is a bool, and a value that does not
+        apply (a gain without a consumer, dead units of a layer not followed by ReLU, the weight
+        gradient of a frozen weight) is ``None``. Reading synchronises with the device once; the
+        values are this rank's (``global_stats`` applies to the logs).
+        """
+        if self._latest is None:
+            return {}
+        snapshot, gen = self._latest
+        table = self._host.layout.table(snapshot.cpu().double().numpy()[None], np.array([gen]))
+        return table[0].as_dict(self._names)
+
+    @property
+    def first_nonfinite(self) -> str | None:
+        """The first layer, in backward order, whose δ was not finite in the last logged step."""
+        for name, stats in self.latest().items():
+            if stats["delta_nonfinite"]:
+                return name
+        return None
+
+    def per_sample_grad_norms(self) -> dict[str, dict[str, Tensor | None]]:
+        """Per layer, each sample's ‖∂C_n/∂W‖ and ‖∂C_n/∂b‖ from the last recorded backward pass.
+
+        Returns ``{layer: {"weight": Tensor(N), "bias": Tensor(N) or None}}``, computed from BP4's
+        rank-1 structure without building per-sample gradients. ``C_n`` is sample n's term of the
+        loss as it was reduced (a ``'mean'`` loss carries its 1/N). Needs ``per_sample_norms=True``;
+        eager backward passes only.
+        """
+        if not self.per_sample_norms:
+            raise RuntimeError("DeltaMonitor: per-sample norms are off; create the monitor with per_sample_norms=True")
+        return dict(self._records.per_sample)
+
+    def history(self) -> dict[str, Any]:
+        """The logged steps' statistics, for the δ map (:mod:`torchbp.picture`) and the report.
+
+        Returns ``{"steps": [...], "layers": [...] (network order, input side first), <stat>: array
+        (layers, steps) for each key of STATS}``: NaN where a value does not apply, a layer was not reached,
+        or δ was not finite (``delta_nonfinite`` is then 1). Written with a log only; at most
+        ``max_history`` steps, evenly spaced over the run (older steps are thinned by halves when full).
+        """
+        if self._sink is not None:
+            self._host.write_arrived(wait=True)  # (the steps still on their way to the event file)
+        return self._host.read_history()
+
+    def report(self, name: str = "monitor") -> str:
+        """What the δ statistics of :meth:`history` say, in words: :func:`torchbp.report.format_report` of
+        :func:`torchbp.report.analyze`, as ``torchbp report LOGDIR`` prints it, for one run called ``name``."""
+        from .. import report as _report
+
+        history = self.history()
+        return _report.format_report({name: history}, {name: _report.analyze(history)})
+
+
+def _unwrap(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"DeltaMonitor: expected a torch.nn.Module, got {type(model).__name__}")
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
