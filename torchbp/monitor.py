@@ -376,6 +376,9 @@ class DeltaMonitor:
             same steps). Default: ``False``: rank ``log_rank``'s own samples.
         log_rank: the rank that writes under ``torch.distributed``; ``None``: every rank writes, to
             ``<log>/rank<r>``. Default: ``0``.
+        step: (stand-in for the rebuilt monitor's argument) a callable giving each backward pass's step
+            number, e.g. a trainer's ``global_step``; ``every`` applies to it, and of several backward passes
+            with the same number (gradient accumulation) the first is logged. Default: ``None``: count them.
 
     Example::
 
@@ -400,6 +403,7 @@ class DeltaMonitor:
         scaler: Any = None,
         global_stats: bool = False,
         log_rank: int | None = 0,
+        step: Any = None,  # STAND-IN until the rebuilt monitor's step= lands
     ) -> None:
         model = _unwrap(model)
         for name, value in (("every", every), ("histogram_every", histogram_every), ("image_every", image_every)):
@@ -430,6 +434,7 @@ class DeltaMonitor:
         self.global_stats = bool(global_stats)
         self.rank, self.world_size = _rank_and_world()
         self.step = -1  # index of the current (or last) backward pass
+        self._step_fn, self._last_logged = step, None  # STAND-IN: the last backward pass's step
         self._slots = {name: _LayerSlot(self, name, row) for row, name in enumerate(self.layers)}
         self._out = [layer.out_features for layer in self.layers.values()]
         self._outs = np.array(self._out, dtype=np.float64)
@@ -598,7 +603,7 @@ class DeltaMonitor:
         task = torch._C._current_graph_task_id()
         if task != self._task:  # the first of a new backward pass
             self._task = task
-            self.step += 1
+            self.step = self.step + 1 if self._step_fn is None else int(self._step_fn())  # STAND-IN
             self._per_sample, self._hists, self._eager_step = {}, {}, False
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if delta is not None:
@@ -617,7 +622,8 @@ class DeltaMonitor:
         self._set_buffers(buffer, None if vectors is None else vectors.to(device))
 
     def _histogram_due(self) -> bool:
-        return self._sink is not None and self.histogram_every > 0 and self.step % self.histogram_every == 0
+        due = self._sink is not None and self.histogram_every > 0 and self.step % self.histogram_every == 0
+        return due and self.step != self._last_logged  # STAND-IN: a step's first backward
 
     def _end_of_backward(self) -> None:
         self._task = None
@@ -627,11 +633,13 @@ class DeltaMonitor:
         if self.scaler is not None:
             scale = self.scaler._scale
             self._scale_at_step = None if scale is None else scale.detach().clone()
-        logged = self.step % self.every == 0
+        histogram_due = self._histogram_due()
+        first, self._last_logged = self.step != self._last_logged, self.step  # STAND-IN: a step's first backward
+        logged = self.step % self.every == 0 and first
         if (logged and self._vectors is not None) or (self._sink is not None and (logged or self._hists)):
             self._submit_step(gen, scalars=logged)
         self._buffer[-1, 0].fill_(float(self._gen))  # the next step's records carry the next number
-        if not self._eager_step and self._histogram_due():
+        if not self._eager_step and histogram_due:
             self._warn_once(
                 "histograms", f"no δ histograms at step {self.step}: recorded in eager backward passes only"
             )
