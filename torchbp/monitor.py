@@ -19,6 +19,7 @@ import collections
 import contextlib
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -361,7 +362,9 @@ class DeltaMonitor:
         model: a module containing :class:`torchbp.nn.Linear` layers (built with them or converted by
             :func:`torchbp.convert`); a ``DistributedDataParallel`` or compiled wrapper is unwrapped.
         log: a log directory (created if needed), a ``torch.utils.tensorboard.SummaryWriter``, or
-            ``None`` to only record (see :meth:`latest`). Default: ``None``.
+            ``None`` to only record (see :meth:`latest`). Under ``wandb.init(sync_tensorboard=True)`` a
+            directory is written through torch's ``SummaryWriter`` (flushed every second), which W&B syncs.
+            Default: ``None``.
         every: log every this many steps. Default: ``10``.
         histogram_every: write δ histograms every this many steps; ``0`` for never. Default:
             ``10 * every``.
@@ -1024,7 +1027,20 @@ def _open_writer(log):
         import tensorboard  # noqa: F401
     except ImportError as e:
         raise ImportError("DeltaMonitor: logging needs the tensorboard package: pip install tensorboard") from e
+    if _wandb_syncs_tensorboard():
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(path, flush_secs=1), True  # (wandb watches the directories of the writers it patched)
     return _events.summary_writer(path), True
+
+
+def _wandb_syncs_tensorboard() -> bool:
+    """``wandb.init(sync_tensorboard=True)`` (or ``wandb.tensorboard.patch()``) is in effect: wandb then replaces
+    torch's ``EventFileWriter`` by a subclass that registers each new log directory with the W&B run, and syncs
+    only those directories. A monitor logging to a directory then writes through torch's ``SummaryWriter`` (the
+    writer that patch sees) instead of :func:`torchbp._events.summary_writer`. wandb is not imported here."""
+    wandb = sys.modules.get("wandb")
+    return bool(getattr(wandb, "patched", {}).get("tensorboard")) if wandb is not None else False
 
 
 # --------------------------------------------------------------------------------------------------
