@@ -20,7 +20,13 @@ import socket
 from datetime import datetime
 from typing import Any
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError as e:
+    raise ImportError(
+        f"torchbp.integrations.hf needs the transformers package ({e}); "
+        "pip install transformers accelerate, or pip install torchbp[integrations]"
+    ) from e
 
 from ..monitor import DeltaMonitor
 from ..nn import convert as _convert
@@ -95,6 +101,8 @@ def _tensorboard_dir(args) -> str:
     the user's), or where it would."""
     if os.getenv("TENSORBOARD_LOGGING_DIR"):
         return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
+    if getattr(args, "logging_dir", None):  # transformers 4: TrainingArguments.logging_dir, the callback's directory
+        return args.logging_dir
     runs = os.path.join(args.output_dir, "runs")
     host = socket.gethostname()
     if "tensorboard" in (args.report_to or []):

@@ -16,8 +16,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+except ImportError as e:
+    raise ImportError(
+        f"torchbp.integrations.lightning needs the lightning package ({e}); "
+        "pip install lightning, or pip install torchbp[integrations]"
+    ) from e
 
 from ..monitor import DeltaMonitor
 from ..nn import convert as _convert
