@@ -148,6 +148,55 @@ def test_without_the_tensorboard_report_it_logs_where_that_would(tmp_path):
     assert sorted(scalar_series(read_events(run), WEIGHT)) == [1, 2]
 
 
+def test_close_after_a_failing_training_keeps_the_logged_steps(tmp_path):
+    """The Trainer calls no callback when training raises: callback.close() in a finally detaches and writes."""
+    model = gpt2()
+    calls = [0]
+
+    def fail_on_the_fourth_forward(module, args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("forward failed on purpose")
+
+    model.lm_head.register_forward_pre_hook(fail_on_the_fourth_forward)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=5,
+        logging_steps=1,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    callback = DeltaMonitorCallback(every=1)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
+    try:
+        with pytest.raises(RuntimeError, match="failed on purpose"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+        assert callback.monitor is not None and model.lm_head._torchbp_slot is not None
+    finally:
+        callback.close()
+    assert callback.monitor is None and getattr(model.lm_head, "_torchbp_slot", None) is None
+    assert sorted(scalar_series(read_events(run_dir(tmp_path)), WEIGHT)) == [1, 2, 3]
+
+
+def test_only_the_main_process_writes(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    model, callback = gpt2(), DeltaMonitorCallback(every=1)
+    callback.on_train_begin(args, TrainerState(is_world_process_zero=False), TrainerControl(), model=model)
+    try:
+        assert callback.monitor is not None and callback.monitor.writer is None, "a monitor that does not write"
+        model(torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+        assert "lm_head" in callback.monitor.latest()
+    finally:
+        callback.on_train_end(args, TrainerState(), TrainerControl())
+    assert not (tmp_path / "runs").exists()
+
+
 def test_options_are_checked_when_the_callback_is_made():
     with pytest.raises(TypeError, match=r"unexpected option 'evry'"):
         DeltaMonitorCallback(evry=1)
