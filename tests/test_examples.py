@@ -65,3 +65,24 @@ def test_transformer_example_trains_compiled_with_the_monitor(tmp_path, capsys):
     ea = EventAccumulator(str(tmp_path))
     ea.Reload()
     assert [e.step for e in ea.Scalars("delta_norm/head")] == list(range(0, 40, 5))
+
+
+def test_lightning_example_logs_delta_beside_the_loss(tmp_path, capsys):
+    """examples/lightning_mlp.py: DeltaMonitorCallback in a lightning Trainer, accumulating two batches per step."""
+    pytest.importorskip("lightning", reason="examples/lightning_mlp.py needs lightning")
+    result = _load("lightning_mlp").main(["--steps", "20", "--every", "5", "--logdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "δ at global steps [0, 5, 10, 15]" in out, out
+    assert sorted(result["delta_norm"]) == ["net.0", "net.2", "net.4", "net.6"], out
+    assert result["delta_norm"]["net.0"] < result["delta_norm"]["net.6"], out  # sigmoid: δ shrinks toward the input
+
+
+def test_hf_example_trains_gpt2_and_logs_delta_at_the_trainers_steps(tmp_path, capsys):
+    """examples/hf_gpt2.py: DeltaMonitorCallback in a transformers Trainer on a tiny GPT-2."""
+    pytest.importorskip("transformers", reason="examples/hf_gpt2.py needs transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    result = _load("hf_gpt2").main(["--steps", "20", "--every", "5", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert result["loss_steps"] == result["delta_steps"] == [5, 10, 15, 20], out
+    assert "lm_head" in result["layers"], out
+    assert result["loss"][-1] < result["loss"][0], out

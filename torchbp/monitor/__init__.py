@@ -167,7 +167,9 @@ class DeltaMonitor:
         model: a module containing :class:`torchbp.nn.Linear` layers (built with them or converted by
             :func:`torchbp.convert`); a ``DistributedDataParallel`` or compiled wrapper is unwrapped.
         log: a log directory (created if needed), a ``torch.utils.tensorboard.SummaryWriter``, or
-            ``None`` to only record (see :meth:`latest`). Default: ``None``.
+            ``None`` to only record (see :meth:`latest`). Under ``wandb.init(sync_tensorboard=True)`` a
+            directory is written through torch's ``SummaryWriter`` (flushed every second), which W&B syncs.
+            Default: ``None``.
         every: log (and record) every this many steps. Default: ``10`` with ``log``, ``1`` without (a
             monitor without a log is read with :meth:`latest` after any step).
         histogram_every: write δ histograms every this many steps; ``0`` for never. Default:

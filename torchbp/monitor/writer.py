@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from .. import _events
 
@@ -26,7 +27,20 @@ def open_writer(log):
         import tensorboard  # noqa: F401
     except ImportError as e:
         raise ImportError("DeltaMonitor: logging needs the tensorboard package: pip install tensorboard") from e
+    if _wandb_syncs_tensorboard():
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(path, flush_secs=1), True  # (wandb watches the directories of the writers it patched)
     return _events.summary_writer(path), True
+
+
+def _wandb_syncs_tensorboard() -> bool:
+    """``wandb.init(sync_tensorboard=True)`` (or ``wandb.tensorboard.patch()``) is in effect: wandb then replaces
+    torch's ``EventFileWriter`` by a subclass that registers each new log directory with the W&B run, and syncs
+    only those directories. A monitor logging to a directory then writes through torch's ``SummaryWriter`` (the
+    writer that patch sees) instead of :func:`torchbp._events.summary_writer`. wandb is not imported here."""
+    wandb = sys.modules.get("wandb")
+    return bool(getattr(wandb, "patched", {}).get("tensorboard")) if wandb is not None else False
 
 
 class _Sink:
