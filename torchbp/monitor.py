@@ -376,6 +376,12 @@ class DeltaMonitor:
             same steps). Default: ``False``: rank ``log_rank``'s own samples.
         log_rank: the rank that writes under ``torch.distributed``; ``None``: every rank writes, to
             ``<log>/rank<r>``. Default: ``0``.
+        on_error: what a failure to write the logs (a full disk, a deleted log directory, an error of the
+            user's SummaryWriter) does: ``"warn"``: one warning naming the directory and the error,
+            training goes on, the writer retries with each new batch of events and counts those it could
+            not write (:attr:`dropped`; ``flush()`` and ``close()`` warn with the count, and never raise);
+            ``"raise"``: the error is raised by the call that finds it (possibly ``backward()``).
+            Default: ``"warn"``.
 
     Example::
 
@@ -400,8 +406,12 @@ class DeltaMonitor:
         scaler: Any = None,
         global_stats: bool = False,
         log_rank: int | None = 0,
+        on_error: str = "warn",
     ) -> None:
         model = _unwrap(model)
+        if on_error not in _events.ON_ERROR:
+            raise ValueError(f"DeltaMonitor: on_error must be one of {_events.ON_ERROR}, got {on_error!r}")
+        self.on_error = on_error
         for name, value in (("every", every), ("histogram_every", histogram_every), ("image_every", image_every)):
             low = 1 if name == "every" else 0
             if (value is not None or name == "every") and (
@@ -463,13 +473,14 @@ class DeltaMonitor:
         self._drawing: threading.Thread | None = None
         self._image_step: int | None = None
         self._sink: _Sink | None = None
+        self._closed_sink: _Sink | None = None
         self.attach()
         try:
             if log is not None and (log_rank is None or self.rank == log_rank):
                 if log_rank is None and self.world_size > 1 and isinstance(log, (str, os.PathLike)):
                     log = os.path.join(os.fspath(log), f"rank{self.rank}")
-                self.writer, self._owns_writer = _open_writer(log)
-                self._sink = _Sink(self.writer)
+                self.writer, self._owns_writer = _open_writer(log, on_error)
+                self._sink = _Sink(self.writer, on_error)
         except BaseException:
             self.detach()
             raise
@@ -542,7 +553,17 @@ class DeltaMonitor:
     def _raise_error(self) -> None:
         error, self._error = self._error, None
         if error is not None:
+            if self.on_error == "warn":
+                self._warn_once("write", f"writing the logged steps failed: {type(error).__name__}: {error}")
+                return
             raise RuntimeError(f"DeltaMonitor: writing the logged steps failed: {error}") from error
+
+    @property
+    def dropped(self) -> int:
+        """How many events of the logs were not written (failed writes, a deleted log directory, errors of
+        the writer); 0 when all were. Counted with ``on_error="warn"``, the default."""
+        sink = self._sink or self._closed_sink
+        return 0 if sink is None else sink.dropped
 
     def close(self) -> None:
         """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""
@@ -555,8 +576,8 @@ class DeltaMonitor:
             self._write_image(background=False)
             self._sink.flush()
             if self._owns_writer:
-                self.writer.close()
-            self._sink = None
+                self._sink.guarded(self.writer.close)
+            self._sink, self._closed_sink = None, self._sink
         self._raise_error()
 
     def __enter__(self) -> DeltaMonitor:
@@ -749,9 +770,8 @@ class DeltaMonitor:
             )
         if not self._layout_written:  # TensorBoard's custom-scalars page: every layer's delta_norm in one chart
             self._layout_written = True
-            self.writer.add_custom_scalars(
-                {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
-            )
+            layout = {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
+            self._sink.guarded(self.writer.add_custom_scalars, layout)
 
     def _flush_stragglers(self) -> None:
         """Background thread: write the steps logged before training paused (within ~2 × BATCH_S)."""
@@ -999,7 +1019,7 @@ def _unwrap(model: Any) -> nn.Module:
         model = inner
 
 
-def _open_writer(log):
+def _open_writer(log, on_error: str = "warn"):
     if hasattr(log, "add_scalar") and hasattr(log, "_get_file_writer"):
         return log, False
     if not isinstance(log, (str, os.PathLike)):
@@ -1016,7 +1036,7 @@ def _open_writer(log):
         import tensorboard  # noqa: F401
     except ImportError as e:
         raise ImportError("DeltaMonitor: logging needs the tensorboard package: pip install tensorboard") from e
-    return _events.summary_writer(path), True
+    return _events.summary_writer(path, on_error=on_error), True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1051,13 +1071,45 @@ class _HostCopy:
 
 class _Sink:
     """Where the monitor's (serialized) events go: the file writer of ``writer`` (the monitor's own, or a
-    SummaryWriter of the user's), whose background thread writes them."""
+    SummaryWriter of the user's), whose background thread writes them.
 
-    def __init__(self, writer) -> None:
+    Every call into the writer is guarded: with ``on_error="warn"`` an exception (a SummaryWriter of the
+    user's whose thread died on a full disk, say) is warned of once and the event counted as dropped; the
+    monitor's own event file reports its write errors the same way itself (``on_error`` is passed to it)."""
+
+    def __init__(self, writer, on_error: str = "warn") -> None:
         self.writer = writer
+        logdir = writer.get_logdir() if hasattr(writer, "get_logdir") else repr(writer)
+        self.errors = _events.WriteErrors(str(logdir), on_error, "DeltaMonitor")
+        self.failed = 0  # events the writer raised on
+        self._file_writer = None
+        self._event_files: list = []  # the writer's torchbp EventFiles (a new one after it reopens)
+
+    @property
+    def dropped(self) -> int:
+        """Events not written: those the writer raised on, and those its event files dropped."""
+        return self.failed + sum(f.dropped for f in self._event_files)
+
+    def guarded(self, fn, *args, events: int = 0) -> None:
+        """``fn(*args)``; with on_error="warn", an exception is warned of once and ``events`` counted as dropped."""
+        try:
+            fn(*args)
+        except Exception as e:
+            if self.errors.on_error == "raise":
+                raise
+            self.failed += events
+            self.errors.failed(e, 0, self.dropped)
 
     def write(self, data: bytes) -> None:
+        self.guarded(self._write, data, events=1)
+
+    def _write(self, data: bytes) -> None:
         file_writer = self.writer._get_file_writer()
+        if file_writer is not self._file_writer:
+            self._file_writer = file_writer
+            event_file = getattr(file_writer, "event_writer", None)
+            if hasattr(event_file, "dropped"):
+                self._event_files.append(event_file)
         if hasattr(file_writer, "add_serialized_event"):
             file_writer.add_serialized_event(data)
         else:
@@ -1066,7 +1118,8 @@ class _Sink:
             file_writer.add_event(Event.FromString(data))
 
     def flush(self) -> None:
-        self.writer.flush()
+        self.guarded(self.writer.flush)
+        self.errors.report(self.failed)  # (the monitor's own event file reports its own)
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
