@@ -69,8 +69,8 @@ TARGETS = {"log every step": 1.05, "+per-sample": 1.10, "compiled, log every ste
 BASELINE = {"compiled, log every step": "compiled off"}
 
 
-def build(name: str, device: torch.device):
-    """(model, batches) with the same weights and data for every variant."""
+def build(name: str, device: torch.device, convert: bool = True):
+    """(model, batches) with the same weights and data for every variant; ``convert=False``: the torch.nn model."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "transformer":
@@ -88,7 +88,8 @@ def build(name: str, device: torch.device):
             )
             for _ in range(8)
         ]
-    return torchbp.convert(model.to(device)), batches
+    model = model.to(device)
+    return (torchbp.convert(model) if convert else model), batches
 
 
 class Variant:
