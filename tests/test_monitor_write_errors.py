@@ -174,12 +174,30 @@ def test_a_users_summary_writer_that_fails_does_not_stop_training(tmp_path, monk
 
     monkeypatch.setattr(record_writer, "write", full)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (tensorboard's thread dies on it)
+    writer.add_scalar("loss", 1.0, 0)
+    with pytest.raises(OSError):  # its thread has died: every later write raises
+        writer.flush()
     model, x, y = model_and_data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         monitor = torchbp.DeltaMonitor(model, log=writer, every=1, histogram_every=0, image_every=0)
         train(model, x, y, 10)
         monitor.close()
-    assert monitor.dropped >= 9
+    assert monitor.dropped >= 10  # each step's event (and the δ map of close())
     messages = [str(w.message) for w in caught if "DeltaMonitor: writing TensorBoard events" in str(w.message)]
     assert len(messages) == 1 and "No space left on device" in messages[0], messages
+
+
+def test_the_exit_hook_stops_the_background_thread_of_a_monitor_left_open(tmp_path):
+    """A daemon thread still running when the interpreter finalizes is killed as it takes the GIL again, which
+    aborts the process when that happens inside torch's C++ code: the exit hook joins it first."""
+    from torchbp import monitor as monitor_module
+
+    model, x, y = model_and_data()
+    monitor = torchbp.DeltaMonitor(model, log=tmp_path, every=1, histogram_every=0, image_every=0)
+    train(model, x, y, 3)
+    assert monitor._flusher is not None and monitor._flusher.is_alive()
+    monitor_module._write_all_at_exit()
+    assert not monitor._flusher.is_alive()
+    monitor.close()
+    assert logged_steps(tmp_path) == [0, 1, 2]

@@ -284,9 +284,15 @@ _logging_monitors: weakref.WeakSet = weakref.WeakSet()
 
 @atexit.register
 def _write_all_at_exit() -> None:
-    """At normal interpreter exit, write the logged steps every open monitor still holds (before the event
-    files' own exit hook, registered earlier, closes them)."""
+    """At normal interpreter exit, stop every open monitor's background thread and write the logged steps it
+    still holds (before the event files' own exit hook, registered earlier, closes them). A daemon thread still
+    running when the interpreter finalizes is ended by ``pthread_exit`` as soon as it takes the GIL again; inside
+    torch's C++ code (a CUDA event's wait) that aborts the process (``terminate called without an active
+    exception``)."""
     for monitor in list(_logging_monitors):
+        monitor._closing.set()
+        if monitor._flusher is not None:
+            monitor._flusher.join()
         if monitor._sink is not None:
             monitor._write_arrived(wait=True)
 
