@@ -509,7 +509,7 @@ def run_model(model_name: str, args, root: str) -> list[dict]:
             notes.insert(0, "no recorded step was due in this run")
         elif p.per_step:
             if p.records == 0:
-                why = " (its hooks never ran under torch.compile)" if v.compiled else ""
+                why = " (under torch.compile: see the module docstring)" if v.compiled else ""
                 notes.insert(0, "recorded nothing" + why)
             elif p.records < p.expected:
                 notes.insert(0, f"recorded only {p.records} of {p.expected}")
