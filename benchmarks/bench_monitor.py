@@ -114,7 +114,7 @@ class HandRolledHooks:
 
 
 def build(name: str, device: torch.device):
-    """(model, batches) with the same weights and data for every variant."""
+    """(torch.nn model, its torchbp twin, batches) with the same weights and data for every variant."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "transformer":

@@ -10,6 +10,7 @@ what is left after its own deadline, so no rank can hang the test.
 """
 
 import datetime
+import gc
 import sys
 
 import torch
@@ -69,4 +70,9 @@ for x, y in batches():
     optimizer.step()
 monitor.close()
 torch.save(record, f"{outdir}/rank{rank}.pt")
+# Tear down while the interpreter is fully alive. DistributedDataParallel keeps the process group (and gloo's
+# worker and transport threads) alive: destroy_process_group() alone would leave those threads running into
+# interpreter finalization and exit. With the model freed first, it destroys the group and joins its threads.
+del wrapped, optimizer, model
+gc.collect()
 dist.destroy_process_group()

@@ -14,11 +14,13 @@ import json
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -452,3 +454,67 @@ def test_events_queued_at_normal_exit_are_written(tmp_path):
     result = run_child("atexit", str(tmp_path), "500")
     assert result.returncode == 0 and "queued" in result.stdout, result.stderr[-2000:]
     assert scalars(read(tmp_path), "step") == [(s, float(s)) for s in range(500)]
+
+
+def test_on_error_warn_warns_once_counts_and_flush_and_close_report_without_raising(tmp_path, monkeypatch):
+    f = EventFile(str(tmp_path), on_error="warn")
+    f.flush()
+
+    def full(writer, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_events._Writer, "_write", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            f.add_event(Event(step=step, summary=scalar_summary([("x", float(step))])))
+            f.flush()
+        f.close()  # does not raise
+    messages = [str(w.message) for w in caught]
+    assert all(str(tmp_path) in m for m in messages), messages
+    assert sum("failed: OSError" in m and "Training goes on" in m for m in messages) == 1, messages
+    assert f.dropped == 3
+    assert any("3 TensorBoard events were not written" in m for m in messages), messages
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        EventFile(str(tmp_path), on_error="ignore")
+
+
+def test_a_write_that_fails_halfway_is_cut_back_so_the_file_stays_readable(tmp_path, monkeypatch):
+    real_write = _events._Writer._write
+    fail = {"on": False}
+
+    def half_then_enospc(writer, data):
+        if fail["on"]:
+            real_write(writer, data[: len(data) // 2])  # a partial record reaches the file
+            raise OSError(28, "No space left on device")
+        real_write(writer, data)
+
+    monkeypatch.setattr(_events._Writer, "_write", half_then_enospc)
+    f = EventFile(str(tmp_path), on_error="warn")
+    f.add_event(Event(step=0, summary=scalar_summary([("x", 0.0)])))
+    f.flush()
+    fail["on"] = True
+    with pytest.warns(RuntimeWarning, match="No space left on device"):
+        f.add_event(Event(step=1, summary=scalar_summary([("x", 1.0)])))
+        f.flush()
+    fail["on"] = False
+    f.add_event(Event(step=2, summary=scalar_summary([("x", 2.0)])))
+    f.close()
+    assert f.dropped == 1
+    assert scalars(read(f.path), "x") == [(0, 0.0), (2, 2.0)]
+
+
+def test_an_event_file_deleted_while_written_continues_in_a_new_file(tmp_path):
+    logdir = tmp_path / "logs"
+    f = EventFile(str(logdir))
+    f.add_event(Event(step=0, summary=scalar_summary([("x", 0.0)])))
+    f.flush()
+    first = f.path
+    shutil.rmtree(logdir)
+    f.add_event(Event(step=1, summary=scalar_summary([("x", 1.0)])))
+    with pytest.raises(RuntimeError, match="was deleted while being written"):  # (on_error="raise")
+        f.flush()
+    f.add_event(Event(step=2, summary=scalar_summary([("x", 2.0)])))
+    f.close()
+    assert f.path != first and f.dropped == 1
+    assert scalars(read(logdir), "x") == [(1, 1.0), (2, 2.0)]

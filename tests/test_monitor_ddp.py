@@ -24,6 +24,7 @@ from test_monitor import STATS, read_events, scalar_series
 import torchbp
 
 CHILD = Path(__file__).resolve().with_name("_ddp_child.py")
+ROOT = CHILD.parents[1]
 DEADLINE_S = 120
 
 pytestmark = pytest.mark.skipif(
@@ -54,7 +55,9 @@ def run_ranks(tmp_path, mode: str, world: int = 2) -> tuple[list[dict], Path]:
     out, logdir = tmp_path / "out", tmp_path / "logs"
     out.mkdir()
     port = str(free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The ranks import this checkout's torchbp (a child's sys.path starts at tests/, not at the repository).
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     ranks = [
         subprocess.Popen(
             [sys.executable, str(CHILD), str(r), str(world), port, str(out), str(logdir), mode],

@@ -22,14 +22,23 @@ polling, and one system call per batch of events.
 being built; a caller that finds the queue full blocks until the thread has made room.
 
 **Errors.** An exception in the writer thread (a failing ``submit`` closure, a full disk) is kept and
-raised in the calling thread, as a ``RuntimeError`` naming the log directory with the original exception
-as its ``__cause__``, by the next call of ``add_event``, ``submit``, ``flush`` or ``close``; that call does
-its own work first (queues its item, drains, closes), so only the failed item is lost.
+reported in the calling thread by the next call of ``add_event``, ``submit``, ``flush`` or ``close``; that
+call does its own work first (queues its item, drains, closes), so only the failed items are lost. With
+``on_error="raise"`` (:class:`EventFile`'s default) the report is a ``RuntimeError`` naming the log
+directory with the original exception as its ``__cause__``; with ``on_error="warn"`` (what the
+DeltaMonitor uses: logging must never stop training) it is one warning naming the directory and the error,
+later errors are counted in :attr:`EventFile.dropped`, and ``flush()``/``close()`` warn with the number of
+events not written. Either way the writer goes on: a batch whose write fails is dropped (counted) and the
+file cut back to its last whole record, so that the next batch, retried as usual, follows a readable file
+(a full disk resumes being written once space is freed); an event file deleted under the writer (its
+directory removed) is noticed before the next batch, and the writer continues in a new file, recreating
+the directory (the events of the deleted file are counted as dropped).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import queue
@@ -39,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,6 +67,7 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _F64 = struct.Struct("<d")
 _live_writers: set[_Writer] = set()  # writers whose thread may still have events to write
+ON_ERROR = ("raise", "warn")
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -107,6 +118,67 @@ def _create_event_file(logdir: str, suffix: str):
             continue
 
 
+def _identity(file_or_path) -> tuple[int, int] | None:
+    """(device, inode) of an open file or a path; None if there is none (a deleted path, a file-like object)."""
+    try:
+        st = os.stat(file_or_path) if isinstance(file_or_path, str) else os.fstat(file_or_path.fileno())
+    except (OSError, AttributeError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _write_error(logdir: str, error: BaseException, more: int) -> RuntimeError:
+    also = f" (and {more} later error{'s' if more > 1 else ''})" if more else ""
+    return RuntimeError(
+        f"EventFile: writing TensorBoard events to {logdir!r} failed in the writer thread: "
+        f"{type(error).__name__}: {error}{also}. The item that failed is lost; the others are written. "
+        "Check the free disk space and the functions passed to submit()."
+    )
+
+
+class WriteErrors:
+    """What a writer does with its write errors, in the calling thread: ``"raise"`` them, or ``"warn"``
+    once (naming the directory and the error) and count what was not written.
+
+    Args:
+        logdir (str): the directory written to, named in the messages.
+        on_error (str): ``"raise"`` or ``"warn"``.
+        who (str): the writer, at the head of each message. Default: ``"torchbp"``.
+    """
+
+    def __init__(self, logdir: str, on_error: str, who: str = "torchbp") -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"{who}: on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.logdir, self.on_error, self.who = logdir, on_error, who
+        self.first: BaseException | None = None
+        self.reported = 0  # dropped count at the last warning
+
+    def failed(self, error: BaseException, more: int, dropped: int) -> None:
+        """``error`` (and ``more`` later errors) happened; ``dropped`` items are lost in all so far."""
+        if self.on_error == "raise":
+            raise _write_error(self.logdir, error, more) from error
+        if self.first is None:
+            self.first, self.reported = error, dropped
+            warnings.warn(
+                f"{self.who}: writing TensorBoard events to {self.logdir!r} failed: {type(error).__name__}: {error}. "
+                "Training goes on; the writer retries with each new batch of events, and counts those it cannot "
+                f"write ({dropped} so far; see .dropped, and the warning of flush() and close()).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def report(self, dropped: int) -> None:
+        """At flush or close: warn how many items were not written, if more than at the last warning."""
+        if self.on_error == "warn" and dropped > self.reported:
+            self.reported = dropped
+            first = "" if self.first is None else f" (first error: {type(self.first).__name__}: {self.first})"
+            warnings.warn(
+                f"{self.who}: {dropped} TensorBoard events were not written to {self.logdir!r}{first}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
 class _Writer:
     """One open event file and the daemon thread that writes it.
 
@@ -114,9 +186,13 @@ class _Writer:
     garbage-collected (its finalizer then closes the writer without waiting for it).
     """
 
-    def __init__(self, logdir: str, path: str, file, max_queue: int, event_type: type) -> None:
-        self.logdir, self.path = logdir, path
+    def __init__(self, logdir: str, path: str, file, max_queue: int, event_type: type, suffix: str = "") -> None:
+        self.logdir, self.path, self._suffix = logdir, path, suffix
         self._file, self._event_type = file, event_type
+        self._identity = _identity(file)  # (device, inode) of the open file: is it still the one at `path`?
+        self._offset = 0  # bytes of whole records written
+        self._written = -1  # events written to the current file (not counting the file_version header first)
+        self.dropped = 0  # records (or submitted items) lost: failed writes, a failed closure, a deleted file
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # unbounded; the bound is _slots
         self._slots = threading.Semaphore(max_queue)  # one per data item queued or being built
         self._lock = threading.Lock()  # orders the `closed` check with each put
@@ -172,21 +248,20 @@ class _Writer:
         self.orphaned = True
         self.close(wait=False)
 
-    def raise_error(self) -> None:
-        """Raise, in the calling thread, the error the writer thread kept (if any)."""
+    def take_error(self) -> tuple[BaseException, int] | None:
+        """The error the writer thread kept (if any) and how many later errors it counted; clears them."""
         if self._error is None:
-            return
+            return None
         with self._error_lock:
             error, more = self._error, self._more_errors
             self._error, self._more_errors = None, 0
-        if error is None:
-            return
-        also = f" (and {more} later error{'s' if more > 1 else ''})" if more else ""
-        raise RuntimeError(
-            f"EventFile: writing TensorBoard events to {self.logdir!r} failed in the writer thread: "
-            f"{type(error).__name__}: {error}{also}. The item that failed is lost; the others are written. "
-            "Check the free disk space and the functions passed to submit()."
-        ) from error
+        return None if error is None else (error, more)
+
+    def raise_error(self) -> None:
+        """Raise, in the calling thread, the error the writer thread kept (if any)."""
+        taken = self.take_error()
+        if taken is not None:
+            raise _write_error(self.logdir, *taken) from taken[0]
 
     def _closed_error(self) -> RuntimeError:
         return RuntimeError(
@@ -204,7 +279,8 @@ class _Writer:
 
     # ---- writer thread ------------------------------------------------------------------------------
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, lost: int) -> None:
+        self.dropped += lost
         with self._error_lock:
             if self._error is None:
                 self._error = error
@@ -233,6 +309,62 @@ class _Writer:
         while view:
             view = view[self._file.write(view) :]
 
+    def _write_batch(self, batch: list[bytes]) -> None:
+        """Write ``batch``; where it does not fit whole, as many of its records as do, in order; drop the rest
+        (counted), the file cut back to its last whole record."""
+        try:
+            if self._file is None or _identity(self.path) != self._identity:
+                self._start_new_file()
+        except BaseException as e:
+            self._fail(e, len(batch))
+            return
+        error = self._append(b"".join(batch))
+        written = len(batch) if error is None else 0
+        if error is not None and len(batch) > 1:  # (a full disk may still take the first few records)
+            while written < len(batch) and self._file is not None and self._append(batch[written]) is None:
+                written += 1
+        self._written += written
+        if error is not None:
+            self._fail(error, len(batch) - written)
+
+    def _append(self, data: bytes) -> BaseException | None:
+        """Write ``data`` after the last whole record; on failure cut the file back to it and return the error."""
+        try:
+            self._write(data)
+        except BaseException as e:
+            self._cut_back()
+            return e
+        self._offset += len(data)
+        return None
+
+    def _cut_back(self) -> None:
+        """After a failed write: truncate the file to its last whole record (a partial one would stop
+        TensorBoard's reader there); if even that fails, the next batch starts a new file."""
+        try:
+            self._file.truncate(self._offset)
+            self._file.seek(self._offset)
+        except BaseException:
+            self._close_file()
+
+    def _start_new_file(self) -> None:
+        """The event file is gone (deleted, or its directory removed) or unusable: continue in a new one."""
+        if self._file is not None:
+            self._close_file()
+            if self._written:  # the events of the deleted file are lost
+                self._fail(FileNotFoundError(2, f"the event file {self.path!r} was deleted while being written"),
+                           self._written)  # fmt: skip
+        os.makedirs(self.logdir, exist_ok=True)
+        file, path = _create_event_file(self.logdir, self._suffix)
+        header = _record(self._event_type(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self._file, self.path, self._identity, self._offset, self._written = file, path, _identity(file), 0, 0
+        self._write(header)
+        self._offset = len(header)
+
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        with contextlib.suppress(BaseException):
+            file.close()
+
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         done = False
@@ -251,7 +383,7 @@ class _Writer:
                 try:
                     records = self._records(item)
                 except BaseException as e:  # kept for the calling thread
-                    self._fail(e)
+                    self._fail(e, 1)
                 else:
                     batch += records
                     size += sum(map(len, records))
@@ -264,16 +396,14 @@ class _Writer:
                 except queue.Empty:
                     break
             if batch:
-                try:
-                    self._write(b"".join(batch))
-                except BaseException as e:
-                    self._fail(e)
+                self._write_batch(batch)
             for waiter in waiters:
                 waiter.set()
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         except BaseException as e:
-            self._fail(e)
+            self._fail(e, 0)
         _live_writers.discard(self)
         if self.orphaned and self._error is not None:
             print(f"torchbp: writing TensorBoard events to {self.logdir!r} failed: {self._error!r}", file=sys.stderr)
@@ -303,6 +433,10 @@ class EventFile:
         filename_suffix (str): appended to the file name. Default: ``""``.
         max_queue (int): how many items may wait (or be in the making) before ``add_event`` and ``submit``
             block. Default: :data:`MAX_QUEUE` (256).
+        on_error (str): ``"raise"``: an error of the writer thread is raised as a ``RuntimeError`` by the
+            next call; ``"warn"``: it is warned of once, and ``flush()``/``close()`` warn how many events
+            were not written (:attr:`dropped`). Either way the writer goes on (see the module docstring).
+            Default: ``"raise"``.
 
     After :meth:`close`, ``add_event`` and ``submit`` raise ``RuntimeError`` until :meth:`reopen` starts a
     new file. Events still queued at normal interpreter exit are written.
@@ -323,19 +457,34 @@ class EventFile:
         >>> f.close()
     """
 
-    def __init__(self, logdir: str, filename_suffix: str = "", *, max_queue: int = MAX_QUEUE) -> None:
+    def __init__(
+        self, logdir: str, filename_suffix: str = "", *, max_queue: int = MAX_QUEUE, on_error: str = "raise"
+    ) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
 
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"EventFile expected max_queue to be a positive int, got {max_queue!r}")
         self._Event = Event
         self._logdir, self._suffix, self._max_queue = str(logdir), filename_suffix, max_queue
+        self._errors = WriteErrors(self._logdir, on_error)
+        self._dropped_before = 0  # by the writers of the files before reopen()
         self._open()
+
+    @property
+    def dropped(self) -> int:
+        """How many events (or submitted functions) were not written: failed writes, failed functions, and
+        the events of an event file deleted while it was written."""
+        return self._dropped_before + self._writer.dropped
+
+    def _report(self) -> None:
+        taken = self._writer.take_error()
+        if taken is not None:
+            self._errors.failed(*taken, self.dropped)
 
     def _open(self) -> None:
         os.makedirs(self._logdir, exist_ok=True)
         file, path = _create_event_file(self._logdir, self._suffix)
-        self._writer = _Writer(self._logdir, path, file, self._max_queue, self._Event)
+        self._writer = _Writer(self._logdir, path, file, self._max_queue, self._Event, self._suffix)
         self._finalizer = weakref.finalize(self, self._writer.abandon)
         self._finalizer.atexit = False  # _close_all handles exit, and waits
         self._writer.put(self._Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
@@ -361,12 +510,12 @@ class EventFile:
                 f"{type(event).__name__}; wrap a Summary as Event(summary=summary, step=step)"
             )
         self._writer.put(event.SerializeToString())
-        self._writer.raise_error()
+        self._report()
 
     def add_serialized_event(self, data: bytes) -> None:
         """Queue an ``Event`` already serialized (see :class:`ScalarEvents`) and return at once."""
         self._writer.put(bytes(data))
-        self._writer.raise_error()
+        self._report()
 
     def submit(self, fn: Callable[[], Any]) -> None:
         """Queue ``fn``, a zero-argument callable that the writer thread calls, and return at once.
@@ -383,23 +532,26 @@ class EventFile:
                 f"EventFile.submit expected a zero-argument callable returning Events, got {type(fn).__name__}"
             )
         self._writer.put(fn)
-        self._writer.raise_error()
+        self._report()
 
     def flush(self) -> None:
         """Block until everything added before the call is written and handed to the OS."""
         self._writer.flush()
-        self._writer.raise_error()
+        self._report()
+        self._errors.report(self.dropped)
 
     def close(self) -> None:
         """Write everything queued, close the file and end the thread. Calling it again does nothing."""
         self._writer.close()
         self._finalizer.detach()
-        self._writer.raise_error()
+        self._report()
+        self._errors.report(self.dropped)
 
     def reopen(self) -> None:
         """After :meth:`close`, continue in a new event file in the same directory; otherwise do nothing."""
         if self._writer.closed:
             self._writer.join()
+            self._dropped_before += self._writer.dropped
             self._open()
 
 
@@ -475,15 +627,17 @@ def image_value(tag: str, png_bytes: bytes, height: int, width: int):
     return Summary.Value(tag=tag, image=Summary.Image(height=height, width=width, encoded_image_string=png_bytes))
 
 
-def summary_writer(logdir: str):
+def summary_writer(logdir: str, on_error: str = "raise"):
     """A ``torch.utils.tensorboard.SummaryWriter`` whose events go through an :class:`EventFile`.
 
     Same API as torch's (``add_scalar``, ``add_histogram``, ``add_image``, ``add_custom_scalars``,
     ``flush``, ``close``, ``get_logdir``...), with this module's flush policy: every event handed to the OS
     within about ``FLUSH_INTERVAL_S``, all of them when ``flush()`` or ``close()`` returns. ``add_scalars``
-    is the exception: torch opens one of its own ``FileWriter``\\ s per tag for it.
+    is the exception: torch opens one of its own ``FileWriter``\\ s per tag for it. ``on_error`` is
+    :class:`EventFile`'s.
     """
-    return _summary_writer_class()(logdir)
+    WriteErrors(logdir, on_error)  # (validates it)
+    return _summary_writer_class()(logdir, on_error=on_error)
 
 
 _SummaryWriter: type | None = None
@@ -496,15 +650,19 @@ def _summary_writer_class() -> type:
         from torch.utils.tensorboard.writer import SummaryWriter as TorchSummaryWriter
 
         class _FileWriter(FileWriter):
-            def __init__(self, log_dir: str, filename_suffix: str = "") -> None:  # no tensorboard writer thread
-                self.event_writer = EventFile(log_dir, filename_suffix)
+            def __init__(self, log_dir: str, filename_suffix: str = "", on_error: str = "raise") -> None:
+                self.event_writer = EventFile(log_dir, filename_suffix, on_error=on_error)  # (no tensorboard thread)
 
         class SummaryWriter(TorchSummaryWriter):
             """torch's SummaryWriter, writing through a :class:`torchbp._events.EventFile`."""
 
+            def __init__(self, *args, on_error: str = "raise", **kwargs) -> None:
+                self.on_error = on_error  # (before torch's __init__ opens the first file writer)
+                super().__init__(*args, **kwargs)
+
             def _get_file_writer(self):
                 if self.all_writers is None or self.file_writer is None:
-                    self.file_writer = _FileWriter(self.log_dir, self.filename_suffix)
+                    self.file_writer = _FileWriter(self.log_dir, self.filename_suffix, self.on_error)
                     self.all_writers = {self.file_writer.get_logdir(): self.file_writer}
                 return self.file_writer
 

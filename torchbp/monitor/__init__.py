@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import ReLU, is_monitored_layer
-from .. import _torch_private
+from .. import _events, _torch_private
 from . import dataflow, host, ranks, records, schedule, writer
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
@@ -188,6 +188,12 @@ class DeltaMonitor:
         step: a callable returning the current step number (an int), or ``None`` to count backward
             passes. Default: ``None``.
         max_history: the most logged steps :meth:`history` holds. Default: ``2048``.
+        on_error: what a failure to write the logs (a full disk, a deleted log directory, an error of the
+            user's SummaryWriter) does: ``"warn"``: one warning naming the directory and the error,
+            training goes on, the writer retries with each new batch of events and counts those it could
+            not write (:attr:`dropped`; ``flush()`` and ``close()`` warn with the count, and never raise);
+            ``"raise"``: the error is raised by the call that finds it (possibly ``backward()``).
+            Default: ``"warn"``.
 
     Example::
 
@@ -214,6 +220,7 @@ class DeltaMonitor:
         log_rank: int | None = 0,
         step: Callable[[], int] | None = None,
         max_history: int = MAX_HISTORY,
+        on_error: str = "warn",
     ) -> None:
         model = _unwrap(model)
         if every is None:
@@ -256,6 +263,9 @@ class DeltaMonitor:
         self.global_stats = bool(global_stats)
         self.rank, self.world_size = ranks.rank_and_world()
         self.max_history = max_history
+        if on_error not in _events.ON_ERROR:
+            raise ValueError(f"DeltaMonitor: on_error must be one of {_events.ON_ERROR}, got {on_error!r}")
+        self.on_error = on_error
         self._open(log, log_rank)  # (the writer first: the histograms' schedule depends on it)
         self._schedule = Schedule(every, self.histogram_every if self._sink is not None else 0, step)
         widths = [_out_features(layer) for layer in self.layers.values()]
@@ -274,6 +284,7 @@ class DeltaMonitor:
             self.writer,
             self.image_every,
             warn_nonfinite=scaler is None,
+            on_error=on_error,
         )
         self._host.history = host.History(len(self.layers), max_history)
         self._relus: dict[ReLU, ReLUSlot] = {}
@@ -296,8 +307,8 @@ class DeltaMonitor:
         if log is not None and (log_rank is None or self.rank == log_rank):
             if log_rank is None and self.world_size > 1 and isinstance(log, (str, os.PathLike)):
                 log = os.path.join(os.fspath(log), f"rank{self.rank}")
-            self.writer, self._owns_writer = writer.open_writer(log)
-            self._sink = writer._Sink(self.writer)
+            self.writer, self._owns_writer = writer.open_writer(log, self.on_error)
+            self._sink = writer._Sink(self.writer, self.on_error)
 
     @property
     def step(self) -> int:
@@ -370,6 +381,13 @@ class DeltaMonitor:
         """Block until every step logged so far is written and handed to the operating system."""
         if self._sink is not None:
             self._host.flush()
+
+    @property
+    def dropped(self) -> int:
+        """How many events of the logs were not written (failed writes, a deleted log directory, errors of
+        the writer); 0 when all were. Counted with ``on_error="warn"``, the default."""
+        sink = self._host.sink or self._host.closed_sink
+        return 0 if sink is None else sink.dropped
 
     def close(self) -> None:
         """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""

@@ -212,9 +212,15 @@ _logging = weakref.WeakSet()
 
 @atexit.register
 def _write_all_at_exit() -> None:
-    """At normal interpreter exit, write the logged steps every open monitor still holds (before the event
-    files' own exit hook, registered earlier, closes them)."""
+    """At normal interpreter exit, stop every open monitor's background thread and write the logged steps it
+    still holds (before the event files' own exit hook, registered earlier, closes them). A daemon thread still
+    running when the interpreter finalizes is ended by ``pthread_exit`` as soon as it takes the GIL again; inside
+    torch's C++ code (a CUDA event's wait) that aborts the process (``terminate called without an active
+    exception``)."""
     for host in list(_logging):
+        host.closing.set()
+        if host.flusher is not None:
+            host.flusher.join()
         if host.sink is not None:
             host.write_arrived(wait=True)
 
@@ -225,8 +231,12 @@ class HostSide:
     ``sink`` (:class:`torchbp.monitor.writer._Sink`) or ``None`` (nothing written, the history still kept),
     ``writer`` the SummaryWriter behind it, ``names`` the layers in the monitor's order."""
 
-    def __init__(self, layout: Layout, names: list[str], sink, writer, image_every: int, warn_nonfinite: bool):
+    def __init__(
+        self, layout: Layout, names: list[str], sink, writer, image_every: int, warn_nonfinite: bool, on_error="warn"
+    ):
         self.layout, self.names, self.sink, self.writer = layout, names, sink, writer
+        self.on_error = on_error
+        self.closed_sink = None  # (the sink after close: what it dropped stays readable)
         self.image_every = image_every
         self.warn_nonfinite = warn_nonfinite
         self.history = History(len(names))
@@ -319,9 +329,8 @@ class HostSide:
             )
         if self.sink is not None and not self.layout_written:  # TensorBoard's custom-scalars page
             self.layout_written = True
-            self.writer.add_custom_scalars(
-                {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
-            )
+            layout = {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
+            self.sink.guarded(self.writer.add_custom_scalars, layout)
 
     def _flush_stragglers(self) -> None:
         """Background thread: write the steps logged before training paused (within ~2 × BATCH_S)."""
@@ -336,6 +345,9 @@ class HostSide:
     def raise_error(self) -> None:
         error, self.error = self.error, None
         if error is not None:
+            if self.on_error == "warn":
+                self.warn_once("write", f"writing the logged steps failed: {type(error).__name__}: {error}")
+                return
             raise RuntimeError(f"DeltaMonitor: writing the logged steps failed: {error}") from error
 
     def flush(self) -> None:
@@ -353,8 +365,8 @@ class HostSide:
             self.write_image(background=False)
             self.sink.flush()
             if owns_writer:
-                self.writer.close()
-            self.sink = None
+                self.sink.guarded(self.writer.close)
+            self.sink, self.closed_sink = None, self.sink
         self.raise_error()
 
     # -- events ------------------------------------------------------------------------------------

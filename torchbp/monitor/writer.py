@@ -8,7 +8,7 @@ import sys
 from .. import _events
 
 
-def open_writer(log):
+def open_writer(log, on_error: str = "warn"):
     """``(writer, owned)``: ``log`` itself if it is a ``SummaryWriter`` (not owned), else a SummaryWriter
     writing to the directory ``log`` (created if needed; owned: closed by the monitor)."""
     if hasattr(log, "add_scalar") and hasattr(log, "_get_file_writer"):
@@ -31,7 +31,7 @@ def open_writer(log):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(path, flush_secs=1), True  # (wandb watches the directories of the writers it patched)
-    return _events.summary_writer(path), True
+    return _events.summary_writer(path, on_error=on_error), True
 
 
 def _wandb_syncs_tensorboard() -> bool:
@@ -45,13 +45,45 @@ def _wandb_syncs_tensorboard() -> bool:
 
 class _Sink:
     """Where the monitor's (serialized) events go: the file writer of ``writer`` (the monitor's own, or a
-    SummaryWriter of the user's), whose background thread writes them."""
+    SummaryWriter of the user's), whose background thread writes them.
 
-    def __init__(self, writer) -> None:
+    Every call into the writer is guarded: with ``on_error="warn"`` an exception (a SummaryWriter of the
+    user's whose thread died on a full disk, say) is warned of once and the event counted as dropped; the
+    monitor's own event file reports its write errors the same way itself (``on_error`` is passed to it)."""
+
+    def __init__(self, writer, on_error: str = "warn") -> None:
         self.writer = writer
+        logdir = writer.get_logdir() if hasattr(writer, "get_logdir") else repr(writer)
+        self.errors = _events.WriteErrors(str(logdir), on_error, "DeltaMonitor")
+        self.failed = 0  # events the writer raised on
+        self._file_writer = None
+        self._event_files: list = []  # the writer's torchbp EventFiles (a new one after it reopens)
+
+    @property
+    def dropped(self) -> int:
+        """Events not written: those the writer raised on, and those its event files dropped."""
+        return self.failed + sum(f.dropped for f in self._event_files)
+
+    def guarded(self, fn, *args, events: int = 0) -> None:
+        """``fn(*args)``; with on_error="warn", an exception is warned of once and ``events`` counted as dropped."""
+        try:
+            fn(*args)
+        except Exception as e:
+            if self.errors.on_error == "raise":
+                raise
+            self.failed += events
+            self.errors.failed(e, 0, self.dropped)
 
     def write(self, data: bytes) -> None:
+        self.guarded(self._write, data, events=1)
+
+    def _write(self, data: bytes) -> None:
         file_writer = self.writer._get_file_writer()
+        if file_writer is not self._file_writer:
+            self._file_writer = file_writer
+            event_file = getattr(file_writer, "event_writer", None)
+            if hasattr(event_file, "dropped"):
+                self._event_files.append(event_file)
         if hasattr(file_writer, "add_serialized_event"):
             file_writer.add_serialized_event(data)
         else:
@@ -60,7 +92,8 @@ class _Sink:
             file_writer.add_event(Event.FromString(data))
 
     def flush(self) -> None:
-        self.writer.flush()
+        self.guarded(self.writer.flush)
+        self.errors.report(self.failed)  # (the monitor's own event file reports its own)
 
 
 def png_size(png: bytes) -> tuple[int, int]:
