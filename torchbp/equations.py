@@ -21,7 +21,7 @@ Each cost's backward gives BP1's :math:`∇_a C` (or δ^L directly, for the cost
 backward is BP1/BP2's :math:`⊙ σ'(z)`; :func:`linear_backward` is BP2's :math:`(w^{l+1})^T δ^{l+1}`, BP3 and BP4.
 Below them, the forward-mode twins (:func:`linear_jvp`, :func:`_directional_derivative`) that each Function's
 ``jvp`` calls. A fast kernel trick (:func:`_select_by_bits`, :func:`_times_a_one_minus_a`,
-:func:`_softmax_minus_one_hot`) sits beside the plain one-line equation it computes.
+:func:`_softmax_minus_one_hot`, :func:`_exp_minus_one_hot`) sits beside the plain one-line equation it computes.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ __all__ = [
     "mse_loss_backward",
     "quadratic_cost_backward",
     "cross_entropy_backward",
+    "cross_entropy_log_p_backward",
     "binary_cross_entropy_backward",
     "binary_cross_entropy_with_logits_backward",
     "linear_jvp",
@@ -274,6 +275,37 @@ def cross_entropy_backward(
         dims = [d for d in range(z.dim()) if d != class_dim]
         grad_weight = -(q * log_p * g).sum(dims) if dims else -(q * log_p * g)
     return delta, grad_target, grad_weight
+
+
+def cross_entropy_log_p_backward(
+    log_p: Tensor, target: Tensor, reduction: str, grad: Tensor | None, grad_log_p: Tensor | None = None
+) -> Tensor | None:
+    r"""BP1 for softmax with cross-entropy from the saved log-softmax: :math:`δ^L = (\text{softmax}(z) − y) g / n`.
+
+    The common call: (N, C) logits, class-index targets none of which is ignored, no weights, no smoothing,
+    ``'mean'`` (n = N) or ``'sum'`` (n = 1). softmax(z) = exp(log p), so nothing is recomputed from z (torch's
+    backward reads its saved log-softmax too). ``grad_log_p`` is the gradient of log p itself (a double backward
+    sends one): log-softmax's backward, :math:`h − \text{softmax}(z) Σ_c h_c`, is added.
+    """
+    delta = None
+    if grad is not None:
+        g = grad / target.numel() if reduction == "mean" else grad
+        index = target.unsqueeze(1)
+        if _differentiated():  # out of place, so the graph stays differentiable
+            y = _view_classes(torch.arange(log_p.shape[1], device=log_p.device), log_p, 1) == index  # one-hot y
+            delta = (log_p.exp() - y.to(log_p.dtype)) * g  # BP1: δ^L = a − y
+        else:
+            delta = _exp_minus_one_hot(log_p, index, g)
+    if grad_log_p is not None:  # d log softmax(z) = h − softmax(z) Σ_c h_c
+        d = grad_log_p - log_p.exp() * grad_log_p.sum(1, keepdim=True)
+        delta = d if delta is None else delta + d
+    return delta
+
+
+def _exp_minus_one_hot(log_p: Tensor, index: Tensor, g: Tensor) -> Tensor:
+    """``(exp(log_p) − onehot(index)) * g`` in one buffer: exp, then −1 added at the targets in place."""
+    delta = torch.exp(log_p).scatter_(1, index, -1.0, reduce="add")
+    return delta.mul_(g)  # BP1: δ^L = a − y
 
 
 def _softmax_minus_one_hot(z: Tensor, index: Tensor, class_dim: int, g: Tensor) -> Tensor:

@@ -342,7 +342,20 @@ def cross_entropy(
             target = target.long() if input.dim() > 1 or target.dim() == 0 else target.long().reshape(())
     if _torch_private.any_autocast_enabled():
         input, target, weight = _autocast(torch.float32, input, target, weight)
-    return _apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored)
+    if (  # the common call, in plain eager mode (maybe_ignored is True while tracing): backward reads log-softmax
+        not maybe_ignored
+        and weight is None
+        and label_smoothing == 0
+        and reduction != "none"
+        and input.dim() == 2
+        and target.dtype is torch.int64
+        and not _torch_private.forward_ad_active()
+        and not _torch_private.functorch_transforms_active()
+    ):
+        args = (input, target, None, ignore_index, reduction, 0.0, False, True)
+        return _apply(CrossEntropyFunction, *args)[0]
+    args = (input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored, False)
+    return _apply(CrossEntropyFunction, *args)
 
 
 def binary_cross_entropy(
