@@ -21,7 +21,8 @@ Each cost's backward gives BP1's :math:`∇_a C` (or δ^L directly, for the cost
 backward is BP1/BP2's :math:`⊙ σ'(z)`; :func:`linear_backward` is BP2's :math:`(w^{l+1})^T δ^{l+1}`, BP3 and BP4.
 Below them, the forward-mode twins (:func:`linear_jvp`, :func:`_directional_derivative`) that each Function's
 ``jvp`` calls. A fast kernel trick (:func:`_select_by_bits`, :func:`_times_a_one_minus_a`,
-:func:`_softmax_minus_one_hot`, :func:`_exp_minus_one_hot`) sits beside the plain one-line equation it computes.
+:func:`_softmax_minus_one_hot`, :func:`_exp_minus_one_hot`,
+:func:`_bce_input_grad_in_one_buffer`) sits beside the plain one-line equation it computes.
 """
 
 from __future__ import annotations
@@ -327,10 +328,20 @@ def binary_cross_entropy_backward(
         g = g * weight
     grad_a = grad_y = None
     if need_input:
-        grad_a = (a - y) / (a * (1 - a)).clamp_min(_BCE_EPS) * g  # BP1: ∇_a C (clamped as torch)
+        if _differentiated() or torch.compiler.is_compiling() or _torch_private.is_legacy_batched(g):
+            grad_a = (a - y) / (a * (1 - a)).clamp_min(_BCE_EPS) * g  # BP1: ∇_a C (clamped as torch)
+        else:
+            grad_a = _bce_input_grad_in_one_buffer(a, y, g)
     if need_target:
         grad_y = -torch.logit(a) * g  # ∂C/∂y = log(1 − a) − log(a), unclamped as torch
     return grad_a, grad_y
+
+
+def _bce_input_grad_in_one_buffer(a: Tensor, y: Tensor, g: Tensor) -> Tensor:
+    """``(a - y) / (a * (1 - a)).clamp_min(eps) * g`` to the bit, in two buffers instead of five: a(1 − a) clamped in
+    place, then a − y divided and scaled in place."""
+    den = torch.rsub(a, 1).mul_(a).clamp_min_(_BCE_EPS)
+    return torch.sub(a, y).div_(den).mul_(g)  # BP1: ∇_a C (clamped as torch)
 
 
 def binary_cross_entropy_with_logits_backward(
