@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules import module as _module  # (imported by torch itself)
 
 __all__ = [
     "any_autocast_enabled",
@@ -112,13 +113,11 @@ def global_module_hooks_present() -> bool:
     """Whether global module hooks are registered (``torch.nn.modules.module.register_module_forward_hook`` and
     friends): each module must then run its own forward, so that they fire. Checked on torch 2.13.0; no public
     API reads them (the registration functions are public)."""
-    from torch.nn.modules import module
-
     return bool(
-        module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
     )
 
 

@@ -127,7 +127,7 @@ class ChainFunction(HandWrittenFunction):
 
     @staticmethod
     def forward(input: Tensor, layers: tuple, *params: Tensor | None):
-        plan = _loop_plan(tuple(kind for kind, _ in layers))
+        plan = _loop_plan(tuple([kind for kind, _ in layers]))
         a, kept = input, []
         for kind, p, inplace, keep in zip(plan.kinds, plan.param, plan.inplace, plan.saves):
             if kind == LINEAR:
@@ -143,7 +143,7 @@ class ChainFunction(HandWrittenFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, layers, *params = inputs
-        plan = _loop_plan(tuple(kind for kind, _ in layers))
+        plan = _loop_plan(tuple([kind for kind, _ in layers]))
         needs = ctx.needs_input_grad
         n = plan.n
         ins, acts, weights = [None] * n, [None] * n, [None] * n  # per layer: a^{i-1} (BP4), output (σ'), w^i (BP2)
