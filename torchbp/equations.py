@@ -166,7 +166,26 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 def _scale(grad: Tensor, reduction: str, count: int | Tensor) -> Tensor:
     """The upstream gradient of a reduced loss, as a factor for each element: dL/d(loss element)."""
-    return grad / count if reduction == "mean" else grad
+    return _divide(grad, count) if reduction == "mean" else grad
+
+
+def _divide(grad: Tensor, count: int | float | Tensor) -> Tensor:
+    """``grad / count`` to the bit; a number ``count`` as a cached 0-dim tensor of grad's dtype (float32 or
+    float64: ``count`` is exact in it), which torch divides by without wrapping a Python number (half the time)."""
+    if isinstance(count, Tensor) or grad.dtype not in _EXACT_COUNTS or torch.compiler.is_compiling():
+        return grad / count
+    key = (count, grad.dtype)
+    divisor = _COUNTS.get(key)
+    if divisor is None:
+        if len(_COUNTS) > 256:  # (a bound: one entry per batch size in use)
+            _COUNTS.clear()
+        with torch.inference_mode(False):  # (a normal tensor, whatever mode the first backward runs in)
+            divisor = _COUNTS[key] = torch.tensor(float(count), dtype=grad.dtype, device="cpu")
+    return grad / divisor
+
+
+_EXACT_COUNTS = (torch.float32, torch.float64)
+_COUNTS: dict[tuple[int | float, torch.dtype], Tensor] = {}
 
 
 def mse_loss_backward(
@@ -179,7 +198,7 @@ def mse_loss_backward(
     """
     diff = input - target
     if weight is None:  # (2/count folded into one factor: one op fewer)
-        two_g = grad / (input.numel() / 2) if reduction == "mean" else 2 * grad
+        two_g = _divide(grad, input.numel() / 2) if reduction == "mean" else 2 * grad
         return diff * two_g, None  # BP1: ∇_a C = 2(a − y)/count
     count = weight.sum()
     g = _scale(grad, reduction, count)
@@ -290,7 +309,7 @@ def cross_entropy_log_p_backward(
     """
     delta = None
     if grad is not None:
-        g = grad / target.numel() if reduction == "mean" else grad
+        g = _divide(grad, target.numel()) if reduction == "mean" else grad
         index = target.unsqueeze(1)
         if _differentiated():  # out of place, so the graph stays differentiable
             y = _view_classes(torch.arange(log_p.shape[1], device=log_p.device), log_p, 1) == index  # one-hot y
