@@ -261,8 +261,8 @@ class MSELossFunction(HandWrittenFunction):
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
-        if weight is None:
-            return F.mse_loss(input, target, reduction=reduction)
+        if weight is None:  # (torch's kernel; the public mse_loss has broadcast input and target already)
+            return _torch_private.mse_loss(input, target, _torch_private.REDUCTION_ENUM[reduction])
         loss = (input - target).pow(2) * weight
         return loss.sum() / weight.sum() if reduction == "mean" else _reduce(loss, reduction)
 
