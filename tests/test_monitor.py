@@ -146,7 +146,14 @@ def monitored(model: nn.Module) -> list[str]:
 def attached_monitors() -> int:
     """How many DeltaMonitors are attached to a model right now (the monitor objects alive, found by the gc; one
     whose constructor failed is not attached)."""
-    return sum(1 for o in gc.get_objects() if isinstance(o, torchbp.DeltaMonitor) and getattr(o, "_attached", False))
+    return sum(1 for o in gc.get_objects() if _is_attached_monitor(o))
+
+
+def _is_attached_monitor(o: object) -> bool:
+    try:
+        return isinstance(o, torchbp.DeltaMonitor) and getattr(o, "_attached", False)
+    except ReferenceError:  # a weakref.proxy whose object is gone (a torch.fx Tracer left to the gc holds one)
+        return False
 
 
 def bp_copy(torch_model: nn.Module) -> nn.Module:
