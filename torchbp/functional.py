@@ -170,16 +170,17 @@ def _chain_applies(input: Tensor, layers: tuple, params: list[Tensor | None]) ->
     for kind, slot in layers:
         if kind == LINEAR:
             weight, bias = params[p], params[p + 1]
+            shape = weight.shape  # (read once: each read makes a torch.Size)
             if (
-                weight.dim() != 2
-                or features != weight.shape[1]
-                or (bias is not None and bias.shape != weight.shape[:1])
+                len(shape) != 2
+                or features != shape[1]
+                or (bias is not None and bias.shape != shape[:1])
                 or (not autocast and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)))
                 or weight.device != device
                 or (slot is not None and slot.needs_input and torch.compiler.is_compiling())
             ):
                 return False
-            features, p = weight.shape[0], p + 2
+            features, p = shape[0], p + 2
     return input.is_floating_point() or autocast
 
 

@@ -66,10 +66,12 @@ class HandWrittenFunction(torch.autograd.Function):
 
 def _save(ctx, for_backward: tuple[Tensor | None, ...], for_jvp: tuple[Tensor | None, ...]) -> None:
     """Save ``for_backward`` (``ctx.saved_tensors`` in backward) and ``for_jvp`` (``ctx.saved_tensors`` in jvp,
-    held during forward only), and turn ``materialize_grads`` off: a missing tangent (jvp) or upstream
+    held during forward only, and only while a dual level or a torch.func transform is active, as jvp runs only
+    then), and turn ``materialize_grads`` off: a missing tangent (jvp) or upstream
     gradient (backward) arrives as ``None``, not as zeros."""
     ctx.save_for_backward(*for_backward)
-    ctx.save_for_forward(*for_jvp)
+    if _torch_private.forward_ad_active() or _torch_private.functorch_transforms_active():  # (jvp runs only then)
+        ctx.save_for_forward(*for_jvp)
     ctx.set_materialize_grads(False)
 
 
