@@ -170,22 +170,31 @@ def _scale(grad: Tensor, reduction: str, count: int | Tensor) -> Tensor:
 
 
 def _divide(grad: Tensor, count: int | float | Tensor) -> Tensor:
-    """``grad / count`` to the bit; a number ``count`` as a cached 0-dim tensor of grad's dtype (float32 or
-    float64: ``count`` is exact in it), which torch divides by without wrapping a Python number (half the time)."""
-    if isinstance(count, Tensor) or grad.dtype not in _EXACT_COUNTS or torch.compiler.is_compiling():
+    """``grad / count`` to the bit; a number ``count`` as a cached 0-dim tensor of grad's dtype (:func:`_number`),
+    which torch divides by without wrapping a Python number (half the time on a small tensor)."""
+    if isinstance(count, Tensor):
         return grad / count
-    key = (count, grad.dtype)
-    divisor = _COUNTS.get(key)
-    if divisor is None:
-        if len(_COUNTS) > 256:  # (a bound: one entry per batch size in use)
-            _COUNTS.clear()
+    return grad / _number(count, grad)
+
+
+def _number(value: int | float, like: Tensor) -> Tensor | int | float:
+    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype, where that is float32 or float64 and ``value``
+    is exact in it (a count, 1): an op with it gives the bits of the op with the Python number, without wrapping
+    the number on every call. The number itself elsewhere (other dtypes; while compiling)."""
+    if like.dtype not in _EXACT or torch.compiler.is_compiling():
+        return value
+    key = (value, like.dtype)
+    number = _NUMBERS.get(key)
+    if number is None:
+        if len(_NUMBERS) > 256:  # (a bound: one entry per batch size in use)
+            _NUMBERS.clear()
         with torch.inference_mode(False):  # (a normal tensor, whatever mode the first backward runs in)
-            divisor = _COUNTS[key] = torch.tensor(float(count), dtype=grad.dtype, device="cpu")
-    return grad / divisor
+            number = _NUMBERS[key] = torch.tensor(float(value), dtype=like.dtype, device="cpu")
+    return number
 
 
-_EXACT_COUNTS = (torch.float32, torch.float64)
-_COUNTS: dict[tuple[int | float, torch.dtype], Tensor] = {}
+_EXACT = (torch.float32, torch.float64)
+_NUMBERS: dict[tuple[int | float, torch.dtype], Tensor] = {}
 
 
 def mse_loss_backward(
@@ -359,7 +368,7 @@ def binary_cross_entropy_backward(
 def _bce_input_grad_in_one_buffer(a: Tensor, y: Tensor, g: Tensor) -> Tensor:
     """``(a - y) / (a * (1 - a)).clamp_min(eps) * g`` to the bit, in two buffers instead of five: a(1 − a) clamped in
     place, then a − y divided and scaled in place."""
-    den = torch.rsub(a, 1).mul_(a).clamp_min_(_BCE_EPS)
+    den = torch.sub(_number(1, a), a).mul_(a).clamp_min_(_BCE_EPS)
     return torch.sub(a, y).div_(den).mul_(g)  # BP1: ∇_a C (clamped as torch)
 
 
