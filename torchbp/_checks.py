@@ -20,6 +20,8 @@ def is_traced(*tensors: Tensor | None) -> bool:
     """True under torch.compile or inside a torch.func transform, where data-dependent checks can't run."""
     if torch.compiler.is_compiling():
         return True
+    if not _torch_private.functorch_transforms_active():  # (one C call: outside a transform nothing is wrapped)
+        return False
     wrapped = _torch_private.is_functorch_wrapped
     return any(t is not None and wrapped(t) for t in tensors)
 

@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules import module as _module  # (imported by torch itself)
 
 __all__ = [
     "any_autocast_enabled",
+    "mse_loss",
+    "REDUCTION_ENUM",
     "functorch_transforms_active",
     "forward_ad_active",
     "is_legacy_batched",
@@ -39,6 +42,16 @@ TORCH_CHECKED = "2.13.0"  # the torch version every function below was checked o
 #: needs the device and is slower; the public functions skip their casting with it. Checked on torch 2.13.0;
 #: public: ``torch.is_autocast_enabled(device_type)`` per device.
 any_autocast_enabled: Callable[[], bool] = torch._C._is_any_autocast_enabled
+
+
+# -- loss kernels ----------------------------------------------------------------------------------------
+
+#: torch's MSE kernel, called as ``mse_loss(input, target, reduction_enum)`` (``'none'``, ``'mean'``, ``'sum'``:
+#: 0, 1, 2) on tensors of one shape: ``torch.nn.functional.mse_loss`` (which calls it) broadcasts both arguments
+#: on every call, two view ops that cost more than the kernel on a small tensor. Checked on torch 2.13.0; public:
+#: ``torch.nn.functional.mse_loss``.
+mse_loss: Callable[[Tensor, Tensor, int], Tensor] = torch._C._nn.mse_loss
+REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch.nn._reduction.get_enum's values
 
 
 # -- transforms and forward-mode AD ------------------------------------------------------------------
@@ -112,13 +125,11 @@ def global_module_hooks_present() -> bool:
     """Whether global module hooks are registered (``torch.nn.modules.module.register_module_forward_hook`` and
     friends): each module must then run its own forward, so that they fire. Checked on torch 2.13.0; no public
     API reads them (the registration functions are public)."""
-    from torch.nn.modules import module
-
     return bool(
-        module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
     )
 
 

@@ -59,35 +59,45 @@ def _loop_plan(kinds: tuple[str, ...]) -> _LoopPlan:
     return plan
 
 
-class _Held:
-    """What a saved tensor of the loop is packed into: the loop's backward empties it once that tensor is used,
-    so each activation is freed where the per-op backward frees it (peak memory as per-op)."""
-
-    __slots__ = ("obj",)
-
-
-def _holding_saved_tensors() -> tuple[list[_Held], Any, Any]:
-    """saved_tensors_hooks that pack each saved tensor into a :class:`_Held` (on top of any hooks in effect,
-    e.g. ``save_on_cpu``), and a list that unpacking fills with the holders, in the order of the saved tensors."""
-    unpacked: list[_Held] = []
+def _holding_saved_tensors() -> tuple[list[list], Any, Any]:
+    """saved_tensors_hooks that pack each saved tensor into a holder, a one-element list (on top of any hooks in
+    effect, e.g. ``save_on_cpu``), and a list that unpacking fills with the holders, in the order of the saved
+    tensors. The loop's backward empties a holder (``[None]``) once its tensor is used, so each activation is freed
+    where the per-op backward frees it (peak memory as per-op)."""
+    unpacked: list[list] = []
     outer = _torch_private.top_saved_tensors_hooks()
-    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+    if outer is None:
 
-    def pack(t: Tensor) -> _Held:
-        h = _Held()
-        h.obj = t if outer_pack is None else outer_pack(t)
-        return h
+        def pack(t: Tensor) -> list:
+            return [t]
 
-    def unpack(h: _Held) -> Tensor:
-        if h.obj is None:
-            raise RuntimeError(
-                "torchbp: the backprop loop's saved tensors were freed by a backward pass; "
-                "pass retain_graph=True to backward through the graph a second time"
-            )
+        def unpack(h: list) -> Tensor:
+            t = h[0]
+            if t is None:
+                _freed()
+            unpacked.append(h)
+            return t
+
+        return unpacked, pack, unpack
+    outer_pack, outer_unpack = outer
+
+    def pack_over(t: Tensor) -> list:
+        return [outer_pack(t)]
+
+    def unpack_over(h: list) -> Tensor:
+        if h[0] is None:
+            _freed()
         unpacked.append(h)
-        return h.obj if outer_unpack is None else outer_unpack(h.obj)
+        return outer_unpack(h[0])
 
-    return unpacked, pack, unpack
+    return unpacked, pack_over, unpack_over
+
+
+def _freed() -> None:
+    raise RuntimeError(
+        "torchbp: the backprop loop's saved tensors were freed by a backward pass; "
+        "pass retain_graph=True to backward through the graph a second time"
+    )
 
 
 class _LoopTensors:
@@ -111,7 +121,7 @@ class _LoopTensors:
         if self.holders is not None:
             for h in (self.holders[i], self.holders[len(self.ins) + i]):
                 if h is not None:
-                    h.obj = None
+                    h[0] = None
             self.ins[i] = self.acts[i] = None
 
 
@@ -127,7 +137,7 @@ class ChainFunction(HandWrittenFunction):
 
     @staticmethod
     def forward(input: Tensor, layers: tuple, *params: Tensor | None):
-        plan = _loop_plan(tuple(kind for kind, _ in layers))
+        plan = _loop_plan(tuple([kind for kind, _ in layers]))
         a, kept = input, []
         for kind, p, inplace, keep in zip(plan.kinds, plan.param, plan.inplace, plan.saves):
             if kind == LINEAR:
@@ -143,7 +153,7 @@ class ChainFunction(HandWrittenFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, layers, *params = inputs
-        plan = _loop_plan(tuple(kind for kind, _ in layers))
+        plan = _loop_plan(tuple([kind for kind, _ in layers]))
         needs = ctx.needs_input_grad
         n = plan.n
         ins, acts, weights = [None] * n, [None] * n, [None] * n  # per layer: a^{i-1} (BP4), output (σ'), w^i (BP2)

@@ -21,7 +21,8 @@ Each cost's backward gives BP1's :math:`∇_a C` (or δ^L directly, for the cost
 backward is BP1/BP2's :math:`⊙ σ'(z)`; :func:`linear_backward` is BP2's :math:`(w^{l+1})^T δ^{l+1}`, BP3 and BP4.
 Below them, the forward-mode twins (:func:`linear_jvp`, :func:`_directional_derivative`) that each Function's
 ``jvp`` calls. A fast kernel trick (:func:`_select_by_bits`, :func:`_times_a_one_minus_a`,
-:func:`_softmax_minus_one_hot`) sits beside the plain one-line equation it computes.
+:func:`_softmax_minus_one_hot`, :func:`_exp_minus_one_hot`,
+:func:`_bce_input_grad_in_one_buffer`) sits beside the plain one-line equation it computes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "mse_loss_backward",
     "quadratic_cost_backward",
     "cross_entropy_backward",
+    "cross_entropy_log_p_backward",
     "binary_cross_entropy_backward",
     "binary_cross_entropy_with_logits_backward",
     "linear_jvp",
@@ -164,7 +166,35 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 def _scale(grad: Tensor, reduction: str, count: int | Tensor) -> Tensor:
     """The upstream gradient of a reduced loss, as a factor for each element: dL/d(loss element)."""
-    return grad / count if reduction == "mean" else grad
+    return _divide(grad, count) if reduction == "mean" else grad
+
+
+def _divide(grad: Tensor, count: int | float | Tensor) -> Tensor:
+    """``grad / count`` to the bit; a number ``count`` as a cached 0-dim tensor of grad's dtype (:func:`_number`),
+    which torch divides by without wrapping a Python number (half the time on a small tensor)."""
+    if isinstance(count, Tensor):
+        return grad / count
+    return grad / _number(count, grad)
+
+
+def _number(value: int | float, like: Tensor) -> Tensor | int | float:
+    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype, where that is float32 or float64 and ``value``
+    is exact in it (a count, 1): an op with it gives the bits of the op with the Python number, without wrapping
+    the number on every call. The number itself elsewhere (other dtypes; while compiling)."""
+    if like.dtype not in _EXACT or torch.compiler.is_compiling():
+        return value
+    key = (value, like.dtype)
+    number = _NUMBERS.get(key)
+    if number is None:
+        if len(_NUMBERS) > 256:  # (a bound: one entry per batch size in use)
+            _NUMBERS.clear()
+        with torch.inference_mode(False):  # (a normal tensor, whatever mode the first backward runs in)
+            number = _NUMBERS[key] = torch.tensor(float(value), dtype=like.dtype, device="cpu")
+    return number
+
+
+_EXACT = (torch.float32, torch.float64)
+_NUMBERS: dict[tuple[int | float, torch.dtype], Tensor] = {}
 
 
 def mse_loss_backward(
@@ -177,7 +207,7 @@ def mse_loss_backward(
     """
     diff = input - target
     if weight is None:  # (2/count folded into one factor: one op fewer)
-        two_g = grad / (input.numel() / 2) if reduction == "mean" else 2 * grad
+        two_g = _divide(grad, input.numel() / 2) if reduction == "mean" else 2 * grad
         return diff * two_g, None  # BP1: ∇_a C = 2(a − y)/count
     count = weight.sum()
     g = _scale(grad, reduction, count)
@@ -276,6 +306,37 @@ def cross_entropy_backward(
     return delta, grad_target, grad_weight
 
 
+def cross_entropy_log_p_backward(
+    log_p: Tensor, target: Tensor, reduction: str, grad: Tensor | None, grad_log_p: Tensor | None = None
+) -> Tensor | None:
+    r"""BP1 for softmax with cross-entropy from the saved log-softmax: :math:`δ^L = (\text{softmax}(z) − y) g / n`.
+
+    The common call: (N, C) logits, class-index targets none of which is ignored, no weights, no smoothing,
+    ``'mean'`` (n = N) or ``'sum'`` (n = 1). softmax(z) = exp(log p), so nothing is recomputed from z (torch's
+    backward reads its saved log-softmax too). ``grad_log_p`` is the gradient of log p itself (a double backward
+    sends one): log-softmax's backward, :math:`h − \text{softmax}(z) Σ_c h_c`, is added.
+    """
+    delta = None
+    if grad is not None:
+        g = _divide(grad, target.numel()) if reduction == "mean" else grad
+        index = target.unsqueeze(1)
+        if _differentiated():  # out of place, so the graph stays differentiable
+            y = _view_classes(torch.arange(log_p.shape[1], device=log_p.device), log_p, 1) == index  # one-hot y
+            delta = (log_p.exp() - y.to(log_p.dtype)) * g  # BP1: δ^L = a − y
+        else:
+            delta = _exp_minus_one_hot(log_p, index, g)
+    if grad_log_p is not None:  # d log softmax(z) = h − softmax(z) Σ_c h_c
+        d = grad_log_p - log_p.exp() * grad_log_p.sum(1, keepdim=True)
+        delta = d if delta is None else delta + d
+    return delta
+
+
+def _exp_minus_one_hot(log_p: Tensor, index: Tensor, g: Tensor) -> Tensor:
+    """``(exp(log_p) − onehot(index)) * g`` in one buffer: exp, then −1 added at the targets in place."""
+    delta = torch.exp(log_p).scatter_(1, index, -1.0, reduce="add")
+    return delta.mul_(g)  # BP1: δ^L = a − y
+
+
 def _softmax_minus_one_hot(z: Tensor, index: Tensor, class_dim: int, g: Tensor) -> Tensor:
     """``(softmax(z) − onehot(index)) * g`` in one buffer: softmax, then −1 added at the targets in place."""
     delta = torch.softmax(z, class_dim).scatter_(class_dim, index, -1.0, reduce="add")
@@ -295,10 +356,20 @@ def binary_cross_entropy_backward(
         g = g * weight
     grad_a = grad_y = None
     if need_input:
-        grad_a = (a - y) / (a * (1 - a)).clamp_min(_BCE_EPS) * g  # BP1: ∇_a C (clamped as torch)
+        if _differentiated() or torch.compiler.is_compiling() or _torch_private.is_legacy_batched(g):
+            grad_a = (a - y) / (a * (1 - a)).clamp_min(_BCE_EPS) * g  # BP1: ∇_a C (clamped as torch)
+        else:
+            grad_a = _bce_input_grad_in_one_buffer(a, y, g)
     if need_target:
         grad_y = -torch.logit(a) * g  # ∂C/∂y = log(1 − a) − log(a), unclamped as torch
     return grad_a, grad_y
+
+
+def _bce_input_grad_in_one_buffer(a: Tensor, y: Tensor, g: Tensor) -> Tensor:
+    """``(a - y) / (a * (1 - a)).clamp_min(eps) * g`` to the bit, in two buffers instead of five: a(1 − a) clamped in
+    place, then a − y divided and scaled in place."""
+    den = torch.sub(_number(1, a), a).mul_(a).clamp_min_(_BCE_EPS)
+    return torch.sub(a, y).div_(den).mul_(g)  # BP1: ∇_a C (clamped as torch)
 
 
 def binary_cross_entropy_with_logits_backward(

@@ -170,16 +170,17 @@ def _chain_applies(input: Tensor, layers: tuple, params: list[Tensor | None]) ->
     for kind, slot in layers:
         if kind == LINEAR:
             weight, bias = params[p], params[p + 1]
+            shape = weight.shape  # (read once: each read makes a torch.Size)
             if (
-                weight.dim() != 2
-                or features != weight.shape[1]
-                or (bias is not None and bias.shape != weight.shape[:1])
+                len(shape) != 2
+                or features != shape[1]
+                or (bias is not None and bias.shape != shape[:1])
                 or (not autocast and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)))
                 or weight.device != device
                 or (slot is not None and slot.needs_input and torch.compiler.is_compiling())
             ):
                 return False
-            features, p = weight.shape[0], p + 2
+            features, p = shape[0], p + 2
     return input.is_floating_point() or autocast
 
 
@@ -342,7 +343,20 @@ def cross_entropy(
             target = target.long() if input.dim() > 1 or target.dim() == 0 else target.long().reshape(())
     if _torch_private.any_autocast_enabled():
         input, target, weight = _autocast(torch.float32, input, target, weight)
-    return _apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored)
+    if (  # the common call, in plain eager mode (maybe_ignored is True while tracing): backward reads log-softmax
+        not maybe_ignored
+        and weight is None
+        and label_smoothing == 0
+        and reduction != "none"
+        and input.dim() == 2
+        and target.dtype is torch.int64
+        and not _torch_private.forward_ad_active()
+        and not _torch_private.functorch_transforms_active()
+    ):
+        args = (input, target, None, ignore_index, reduction, 0.0, False, True)
+        return _apply(CrossEntropyFunction, *args)[0]
+    args = (input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored, False)
+    return _apply(CrossEntropyFunction, *args)
 
 
 def binary_cross_entropy(

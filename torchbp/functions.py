@@ -26,6 +26,7 @@ from .equations import (
     conv1d_backward,
     conv1d_jvp,
     cross_entropy_backward,
+    cross_entropy_log_p_backward,
     linear_backward,
     linear_jvp,
     mse_loss_backward,
@@ -65,10 +66,12 @@ class HandWrittenFunction(torch.autograd.Function):
 
 def _save(ctx, for_backward: tuple[Tensor | None, ...], for_jvp: tuple[Tensor | None, ...]) -> None:
     """Save ``for_backward`` (``ctx.saved_tensors`` in backward) and ``for_jvp`` (``ctx.saved_tensors`` in jvp,
-    held during forward only), and turn ``materialize_grads`` off: a missing tangent (jvp) or upstream
+    held during forward only, and only while a dual level or a torch.func transform is active, as jvp runs only
+    then), and turn ``materialize_grads`` off: a missing tangent (jvp) or upstream
     gradient (backward) arrives as ``None``, not as zeros."""
     ctx.save_for_backward(*for_backward)
-    ctx.save_for_forward(*for_jvp)
+    if _torch_private.forward_ad_active() or _torch_private.functorch_transforms_active():  # (jvp runs only then)
+        ctx.save_for_forward(*for_jvp)
     ctx.set_materialize_grads(False)
 
 
@@ -260,8 +263,8 @@ class MSELossFunction(HandWrittenFunction):
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
-        if weight is None:
-            return F.mse_loss(input, target, reduction=reduction)
+        if weight is None:  # (torch's kernel; the public mse_loss has broadcast input and target already)
+            return _torch_private.mse_loss(input, target, _torch_private.REDUCTION_ENUM[reduction])
         loss = (input - target).pow(2) * weight
         return loss.sum() / weight.sum() if reduction == "mean" else _reduce(loss, reduction)
 
@@ -334,29 +337,46 @@ class CrossEntropyFunction(HandWrittenFunction):
     softmax output layer). Forward mode: dC = ⟨δ^L, dz⟩ + ⟨∂C/∂y, dy⟩ + C(z, y; w = dw), summed over each
     sample's classes for ``'none'``. C is linear in the class weights (they are differentiable for probability
     targets only, where the mean does not divide by them), so its derivative along dw is C with the weights dw.
+
+    ``keep_log_p`` (the common call in plain eager mode, see :func:`cross_entropy_log_p_backward`): forward
+    returns ``(C, log softmax(z))`` and saves log p, as torch's does, so that backward reads softmax(z) = exp(log p)
+    instead of recomputing it from z; log p is an output so that a double backward differentiates through it.
     """
 
     @staticmethod
-    def forward(input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored=True):
+    def forward(input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored=True, keep_log_p=False):
+        if keep_log_p:  # the common call: log-softmax, then the mean of −log p at the targets, as torch's
+            log_p = torch.log_softmax(input, 1)
+            return F.nll_loss(log_p, target, ignore_index=ignore_index, reduction=reduction), log_p
         return F.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored = inputs
+        input, target, weight, ignore_index, reduction, label_smoothing, maybe_ignored, keep_log_p = inputs
+        ctx.keep_log_p = keep_log_p
+        if keep_log_p:  # log p, an output (so that a double backward differentiates through it), saved as torch's
+            _save(ctx, (output[1], target), ())  # (no jvp: the call is plain eager, no dual level open)
+            ctx.reduction = reduction
+            return
         _save(ctx, (input, target, weight), (input, target, weight, output))
         ctx.options = ignore_index, reduction, label_smoothing, maybe_ignored
 
     @staticmethod
-    @_none_for_undefined
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor | None, *grad_log_p: Tensor | None):
+        if ctx.keep_log_p:
+            log_p, target = ctx.saved_tensors
+            delta = cross_entropy_log_p_backward(log_p, target, ctx.reduction, grad, grad_log_p[0])
+            return delta, None, None, None, None, None, None, None  # BP1: δ^L = softmax(z) − y
+        if grad is None:  # (materialize_grads is off)
+            return (None,) * 8
         z, target, weight = ctx.saved_tensors
         ignore_index, reduction, eps, maybe_ignored = ctx.options
         delta, grad_target, grad_weight = cross_entropy_backward(
             z, target, weight, ignore_index, reduction, eps, grad, maybe_ignored, *ctx.needs_input_grad[1:3]
         )
-        return delta, grad_target, grad_weight, None, None, None, None  # BP1: δ^L = softmax(z) − y
+        return delta, grad_target, grad_weight, None, None, None, None, None  # BP1: δ^L = softmax(z) − y
 
     @staticmethod
     def jvp(ctx, d_input: Tensor | None, d_target: Tensor | None, d_weight: Tensor | None, *_options):

@@ -180,10 +180,8 @@ class Sequential(nn.Sequential):
         plan: list[nn.Module | tuple[nn.Module, ...]] = []
         i = 0
         while i < len(modules):
-            j = i
-            while j < len(modules) and type(modules[j]) in _CHAINED and not _hooked(modules[j]):
-                j += 1
-            if j - i >= 2 and type(modules[i]) is Linear:
+            j = _run_end(modules, i)
+            if j > i:
                 plan.append(tuple(modules[i:j]))
                 i = j
             else:
@@ -202,20 +200,40 @@ class Sequential(nn.Sequential):
         return runs
 
     def forward(self, input):
-        for item in self._plan():
-            if isinstance(item, tuple):
-                layers, params = [], []
-                for m in item:
-                    if type(m) is Linear:
-                        layers.append((F.LINEAR, m._torchbp_slot))
-                        p = m._parameters  # (Module.__getattr__ is slow)
-                        params += (p["weight"], p["bias"])
-                    else:
-                        layers.append(_ACTIVATION[type(m)])
-                input = F._chain(input, tuple(layers), params)
-            else:
-                input = item(input)
+        modules = list(self._modules.values())  # (the plan of _plan, walked as it is made)
+        if not self.chain or global_module_hooks_present():
+            for m in modules:
+                input = m(input)
+            return input
+        i, n = 0, len(modules)
+        while i < n:
+            j = _run_end(modules, i)
+            if j == i:
+                input = modules[i](input)
+                i += 1
+                continue
+            layers, params = [], []
+            for m in modules[i:j]:
+                if type(m) is Linear:
+                    layers.append((F.LINEAR, m._torchbp_slot))
+                    p = m._parameters  # (Module.__getattr__ is slow)
+                    params += (p["weight"], p["bias"])
+                else:
+                    layers.append(_ACTIVATION[type(m)])
+            input = F._chain(input, tuple(layers), params)
+            i = j
         return input
+
+
+def _run_end(modules: list[nn.Module], i: int) -> int:
+    """The end of the run of layers (see :class:`Sequential`) that starts at ``modules[i]``; ``i`` if none does."""
+    m = modules[i]
+    if type(m) is not Linear or _hooked(m):
+        return i
+    j = i + 1
+    while j < len(modules) and type(modules[j]) in _CHAINED and not _hooked(modules[j]):
+        j += 1
+    return j if j - i >= 2 else i
 
 
 # --------------------------------------------------------------------------------------------------
