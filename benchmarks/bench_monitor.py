@@ -30,7 +30,7 @@ All monitors stay attached for the whole run (as in training).
 
     python benchmarks/bench_monitor.py                 # CPU, and CUDA if available
     python benchmarks/bench_monitor.py --quick         # smoke test
-    python benchmarks/bench_monitor.py --markdown      # the README's table
+    python benchmarks/bench_monitor.py --markdown      # the table of docs/benchmarks.md
     python benchmarks/bench_monitor.py --models mlp-relu --no-compile
 """
 

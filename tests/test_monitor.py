@@ -1,4 +1,4 @@
-"""torchbp.DeltaMonitor against PyTorch's own autograd (issue 3, section 6).
+"""torchbp.DeltaMonitor against PyTorch's own autograd.
 
 The oracle is always torch: the same model built from ``torch.nn``, with a tensor hook on every
 Linear's output z^l (the pre-activation) that captures δ^l = ∂C/∂z^l from PyTorch's autograd, and
@@ -37,7 +37,7 @@ from torch import nn
 
 import torchbp
 
-# The documented statistics (DeltaMonitor's docstring and issue 3, section 1), also its TensorBoard tag prefixes.
+# The documented statistics (DeltaMonitor's docstring), also its TensorBoard tag prefixes.
 STATS = (
     "delta_norm",
     "delta_fro",

@@ -1,4 +1,4 @@
-"""The DeltaMonitor under mixed precision with a GradScaler (issue 6, section 6).
+"""The DeltaMonitor under mixed precision with a GradScaler.
 
 ``torch.autocast`` (bfloat16 and float16 on CPU; float16 and bfloat16 on CUDA) with
 ``torch.amp.GradScaler``: ``DeltaMonitor(model, scaler=scaler)`` reports the statistics of the unscaled

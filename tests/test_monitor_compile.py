@@ -1,4 +1,4 @@
-"""The DeltaMonitor under torch.compile: every step's statistics equal eager's and torch's (issue 6, section 2).
+"""The DeltaMonitor under torch.compile: every step's statistics equal eager's and torch's.
 
 The oracle is torch: the same model built from ``torch.nn`` with a tensor hook on each Linear's output
 (``DeltaOracle`` of test_monitor.py). The compiled torchbp copy, an eager torchbp copy and the torch

@@ -1,4 +1,4 @@
-"""The DeltaMonitor with data parallelism on torch.distributed (issue 6, section 7).
+"""The DeltaMonitor with data parallelism on torch.distributed.
 
 Two processes started here (gloo on CPU), each a rank running tests/_ddp_child.py: a converted model in
 ``DistributedDataParallel``, a monitor on every rank (the same code everywhere), each rank on its half

@@ -1,4 +1,4 @@
-"""delta_gain along the data flow (issue 6, section 5), against δ from PyTorch's autograd.
+"""delta_gain along the data flow, against δ from PyTorch's autograd.
 
 delta_gain of layer l is ‖δ^l‖ / ‖δ^c‖, c the monitored Linear(s) consuming l's output through
 element-wise operations only. The expected consumers are written down here from each architecture (not

@@ -154,8 +154,8 @@ class Sequential(nn.Sequential):
 
     A run is two or more consecutive :class:`Linear`, :class:`Sigmoid` and :class:`ReLU` modules, starting
     with a Linear, none with hooks of its own (and no global module hooks). It runs as one
-    :class:`torchbp.backprop.ChainFunction`, whose backward is the backpropagation algorithm of the seeds
-    (Nielsen's ``backprop()``): δ^L, then for each layer from the last, BP3, BP4 and
+    :class:`torchbp.backprop.ChainFunction`, whose backward is the backpropagation algorithm of *Neural
+    Networks and Deep Learning* (Nielsen's ``backprop()``): δ^L, then for each layer from the last, BP3, BP4 and
     δ^{l-1} = (w^l)^T δ^l ⊙ σ'(z^{l-1}). Results, gradients, memory and the :class:`~torchbp.DeltaMonitor`'s
     statistics are those of the per-op path (one Function per layer), which every other module takes; the
     run saves the per-op Functions' Python cost per layer. Constructor, module tree, ``state_dict``, ``repr``
