@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import DEVICES
+from helpers import CUDA_SKIP_REASON, DEVICES
 from hypothesis import Phase, settings
 
 # The tensors here are tiny: one intra-op thread is fastest, and it keeps OpenMP's thread hand-offs
@@ -43,8 +43,6 @@ def device(request) -> str:
     return request.param
 
 
-#: The reason ``helpers.DEVICES`` gives its skipped ``cuda`` parameters.
-CUDA_SKIP_REASON = "no CUDA device"
 
 
 def _skip_reason(report: pytest.TestReport) -> tuple[str, int | None, str]:

@@ -18,10 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchbp.cli.check import TOLERANCES, quadratic_cost_formula
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-]
+#: The reason a CUDA variant skips on a machine without a GPU (the test summary sums these up in one line).
+CUDA_SKIP_REASON = "no CUDA device"
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
 REDUCTIONS = ("mean", "sum", "none")
 

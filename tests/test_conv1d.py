@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICES, DTYPES, assert_close_labelled, assert_matches_torch
+from helpers import DEVICES, DTYPES, NEEDS_CUDA, assert_close_labelled, assert_matches_torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call
@@ -284,6 +284,36 @@ def test_converted_gpt2_gives_the_same_logits_loss_and_gradients(gpt2, Conv1D, d
     assert_same_run(ours, ref, ids, "eager")
 
 
+@pytest.mark.parametrize(
+    "device, dtype",
+    [
+        pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+        pytest.param("cuda", torch.bfloat16, marks=NEEDS_CUDA, id="cuda-bfloat16"),
+        pytest.param("cuda", torch.float16, marks=NEEDS_CUDA, id="cuda-float16"),
+    ],
+)
+def test_converted_gpt2_under_autocast_gives_the_same_logits_loss_and_gradients(gpt2, device, dtype):
+    """A float32 GPT-2, forward under torch.autocast, backward outside it: ours and the original agree, every
+    layer's matrix products in the autocast dtype on both sides (on CPU the same bits)."""
+    ref = copy.deepcopy(gpt2).float().to(device)
+    ours = converted(ref)
+    ids = torch.randint(0, VOCAB, (3, 7), device=device)
+    outs = []
+    for model in (ours, ref):
+        with torch.autocast(device, dtype=dtype):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out)
+    exact = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 2e-2, "atol": 1e-3}  # (CUDA: atomics, kernels)
+    assert outs[0].logits.dtype == outs[1].logits.dtype == dtype
+    assert_close_labelled(outs[0].logits, outs[1].logits, "autocast: logits", **exact)
+    assert_close_labelled(outs[0].loss, outs[1].loss, "autocast: loss", **exact)
+    grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert_close_labelled(p.grad, grads[name].grad, f"autocast: grad of {name}", **exact)
+
+
 def assert_monitor_matches(stats, oracle: Oracle, ours) -> None:
     """Every recorded statistic of every layer against δ from the oracle (the original model's hooks)."""
     assert set(stats) == {*CONV1D_NAMES, "lm_head"}
@@ -313,6 +343,7 @@ def test_compiled_converted_gpt2_gives_the_same_results_and_statistics(gpt2, Con
     """torch.compile(fullgraph=True) (aot_eager backend: Dynamo and AOTAutograd trace the Functions and their
     backward) of the converted GPT-2, against the original run eagerly; then with a DeltaMonitor attached (its
     first step runs eagerly to read the data flow, the second compiled), every statistic against the oracle."""
+    torch.compiler.reset()  # (the frame count below: no dynamic shapes learned from another test's GPT-2)
     ref = copy.deepcopy(gpt2)
     ours = converted(ref)
     counter = CompileCounterWithBackend("aot_eager")

@@ -19,6 +19,7 @@ pytest.importorskip("transformers", reason="the Trainer tests need transformers 
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install torchbp[integrations])")
 pytest.importorskip("tensorboard", reason="the Trainer tests need tensorboard")
 
+from helpers import NEEDS_CUDA  # noqa: E402
 from test_monitor import read_events, scalar_series  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
@@ -49,8 +50,9 @@ def gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def bp4_oracle(model, accumulation: int) -> list[tuple[int, float]]:
-    """(optimizer step, numbered from 1 as the Trainer logs it; ‖∂C/∂W‖ of lm_head) per backward pass."""
+def bp4_oracle(model, accumulation: int, scale=lambda: 1.0) -> list[tuple[int, float]]:
+    """(optimizer step, numbered from 1 as the Trainer logs it; ‖∂C/∂W‖ of lm_head) per backward pass; a loss
+    scaled by ``scale()`` (float16's GradScaler) is divided back."""
     records: list[tuple[int, float]] = []
     seen = [0]
 
@@ -60,7 +62,8 @@ def bp4_oracle(model, accumulation: int) -> list[tuple[int, float]]:
         def grad_hook(delta):
             step = seen[0] // accumulation + 1
             seen[0] += 1
-            records.append((step, (delta.reshape(-1, delta.shape[-1]).mT @ a.reshape(-1, a.shape[-1])).norm().item()))
+            d, x = delta.reshape(-1, delta.shape[-1]).float(), a.reshape(-1, a.shape[-1]).float()
+            records.append((step, (d.mT @ x).norm().item() / scale()))
 
         output.register_hook(grad_hook)
 
@@ -68,7 +71,7 @@ def bp4_oracle(model, accumulation: int) -> list[tuple[int, float]]:
     return records
 
 
-def train(tmp_path, model, steps=3, accumulation=2, report_to=("tensorboard",), **kwargs):
+def train(tmp_path, model, steps=3, accumulation=2, report_to=("tensorboard",), use_cpu=True, before=None, **kwargs):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -76,7 +79,7 @@ def train(tmp_path, model, steps=3, accumulation=2, report_to=("tensorboard",), 
         max_steps=steps,
         logging_steps=1,
         report_to=list(report_to),
-        use_cpu=True,
+        use_cpu=use_cpu,
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
@@ -84,6 +87,8 @@ def train(tmp_path, model, steps=3, accumulation=2, report_to=("tensorboard",), 
     )
     callback = DeltaMonitorCallback(every=1)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
+    if before is not None:
+        before(trainer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
@@ -117,6 +122,60 @@ def test_gradient_accumulation_logs_beside_the_trainers_loss(tmp_path):
     for step, value in first.items():  # the first backward pass of each optimizer step
         assert logged[step] == pytest.approx(value, rel=1e-5), step
     assert logged[1] != pytest.approx(records[1][1], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "device, precision",
+    [
+        pytest.param("cpu", "bf16", id="cpu-bf16"),
+        pytest.param("cuda", "bf16", marks=NEEDS_CUDA, id="cuda-bf16"),
+        pytest.param("cuda", "fp16", marks=NEEDS_CUDA, id="cuda-fp16"),
+    ],
+)
+def test_mixed_precision(tmp_path, device, precision):
+    """bf16=True, and fp16=True with the Trainer's GradScaler (CUDA only: accelerate scales no loss on CPU),
+    which the callback takes from the optimizer it is passed and the monitor divides out."""
+    model, found = gpt2(), {}
+    scale = (lambda: found["scaler"].get_scale()) if precision == "fp16" else (lambda: 1.0)
+    records = bp4_oracle(model, accumulation=2, scale=scale)
+
+    def before(trainer):
+        found["scaler"] = trainer.accelerator.scaler
+        assert (found["scaler"] is not None) == (precision == "fp16")
+
+    train(tmp_path, model, use_cpu=device == "cpu", before=before, **{precision: True})
+    logged = scalar_series(read_events(run_dir(tmp_path)), WEIGHT)
+    first = {}
+    for step, value in records:
+        first.setdefault(step, value)
+    assert sorted(logged) and set(logged) <= set(first), (logged, first)
+    if precision == "bf16":
+        assert sorted(logged) == [1, 2, 3]  # (no scaler: no step skipped)
+    for step, value in logged.items():
+        assert value == pytest.approx(first[step], rel=3e-2), step  # (δ in bfloat16 / float16)
+
+
+def test_the_trainers_grad_scaler_reaches_the_monitor(tmp_path):
+    """fp16's GradScaler lives on accelerate's AcceleratedOptimizer, which the Trainer passes to on_train_begin;
+    a scaler the user gave wins."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainers, mine = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    for callback, expected in ((DeltaMonitorCallback(), trainers), (DeltaMonitorCallback(scaler=mine), mine)):
+        state = TrainerState(is_world_process_zero=False)
+        optimizer = SimpleNamespace(scaler=trainers)
+        callback.on_train_begin(args, state, TrainerControl(), model=gpt2(), optimizer=optimizer)
+        try:
+            assert callback.monitor.scaler is expected
+        finally:
+            callback.on_train_end(args, state, TrainerControl())
+    callback = DeltaMonitorCallback()
+    callback.on_train_begin(args, TrainerState(is_world_process_zero=False), TrainerControl(), model=gpt2())
+    assert callback.monitor.scaler is None, "no optimizer, no scaler"
+    callback.close()
 
 
 def test_torch_compile_logs_what_eager_logs_in_tensorboard_logging_dir(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ pytest.importorskip("tensorboard", reason="the Lightning tests need tensorboard"
 
 import lightning.pytorch as pl  # noqa: E402
 from _lightning_module import Net, loader  # noqa: E402
+from helpers import NEEDS_CUDA  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from test_monitor import read_events, scalar_series  # noqa: E402
 
@@ -35,11 +36,11 @@ CHILD = Path(__file__).resolve().with_name("_lightning_ddp_child.py")
 ROOT = CHILD.parent.parent
 
 
-def trainer(tmp_path, callback, logger=True, **kwargs) -> pl.Trainer:
+def trainer(tmp_path, callback, logger=True, accelerator="cpu", **kwargs) -> pl.Trainer:
     quiet = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     logger = TensorBoardLogger(str(tmp_path / "tb")) if logger is True else logger
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         logger=logger,
         callbacks=[callback],
@@ -91,13 +92,38 @@ def test_accumulate_grad_batches_logs_at_global_step_beside_the_loss(tmp_path):
     assert set(scalar_series(ea, "dead_fraction/net.0")) == {0, 1, 2, 3}
 
 
-def test_bf16_mixed_precision(tmp_path):
-    t, module, callback = fit(tmp_path, max_steps=3, precision="bf16-mixed")
+SCALE = 256.0  # the float16 runs' GradScaler(init_scale=...): a power of two, no overflow on this model
+
+
+@pytest.mark.parametrize(
+    "device, precision",
+    [
+        pytest.param("cpu", "bf16-mixed", id="cpu-bf16"),
+        pytest.param("cpu", "16-mixed", id="cpu-fp16"),
+        pytest.param("cuda", "bf16-mixed", marks=NEEDS_CUDA, id="cuda-bf16"),
+        pytest.param("cuda", "16-mixed", marks=NEEDS_CUDA, id="cuda-fp16"),
+    ],
+)
+def test_mixed_precision(tmp_path, device, precision):
+    """bf16-mixed, and 16-mixed with its GradScaler: the callback hands the precision plugin's scaler to the
+    monitor, which divides its scale out (the oracle's hook sees the scaled gradient: it is divided here). On
+    CPU, Lightning's "16-mixed" flag means bfloat16, so the float16 run there takes the plugin itself."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    options: dict = {"accelerator": "gpu" if device == "cuda" else "cpu"}
+    scale = 1.0
+    if precision == "16-mixed":
+        scale = SCALE
+        scaler = torch.amp.GradScaler(device, init_scale=SCALE, growth_interval=1000)
+        options["plugins"] = [MixedPrecision(precision, device, scaler=scaler)]
+    else:
+        options["precision"] = precision
+    t, module, callback = fit(tmp_path, max_steps=3, **options)
     assert_closed(module, callback)
     logged = scalar_series(read_events(t.logger.log_dir), OUT)
     assert sorted(logged) == [0, 1, 2]
     for step, value in first_per_step(module.records).items():
-        assert logged[step] == pytest.approx(value, rel=2e-2), step  # (δ in bfloat16)
+        assert logged[step] == pytest.approx(value / scale, rel=2e-2), step  # (δ in bfloat16 / float16)
 
 
 def test_compiled_module_logs_what_the_eager_module_logs(tmp_path):

@@ -29,6 +29,14 @@ def check_options(callback: str, options: dict[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
+def with_scaler(options: dict[str, Any], scaler: Any) -> dict[str, Any]:
+    """``options`` with ``scaler=`` the trainer's own loss scaler (float16 mixed precision), unless the user gave
+    one: the monitor divides its scale out of the statistics, and flags a step it overflowed rather than warn."""
+    if scaler is not None and options.get("scaler") is None:
+        return {**options, "scaler": scaler}
+    return options
+
+
 def close_quietly(monitor: DeltaMonitor | None, callback: str) -> None:
     """Close ``monitor``; a failure to write its logs warns instead of failing the training run."""
     if monitor is None:

@@ -30,7 +30,7 @@ except ImportError as e:
 
 from ..monitor import DeltaMonitor
 from ..nn import convert as _convert
-from ._common import check_options, close_quietly
+from ._common import check_options, close_quietly, with_scaler
 
 __all__ = ["DeltaMonitorCallback"]
 
@@ -50,7 +50,9 @@ class DeltaMonitorCallback(TrainerCallback):
     numbered as the Trainer numbers the loss and ``grad_norm`` it logs for that step, so δ and the loss
     share the x-axis. ``every`` counts optimizer steps; under ``gradient_accumulation_steps`` the first
     backward pass of a logged step is recorded. Every process has a monitor (``global_stats=True`` needs them
-    all); only the main process (``state.is_world_process_zero``) writes. The monitor is closed at train end.
+    all); only the main process (``state.is_world_process_zero``) writes. With ``fp16=True`` the monitor gets
+    the Trainer's ``GradScaler`` (its scale divided out of the statistics; an overflowing step flagged, as the
+    scaler skips it). The monitor is closed at train end.
 
     The Trainer calls no callback when training raises: call :meth:`close` in a ``finally`` to detach the
     monitor and write what it holds (at interpreter exit it is written anyway).
@@ -85,6 +87,8 @@ class DeltaMonitorCallback(TrainerCallback):
             log = log if log is not None else _tensorboard_dir(args)
         else:
             log = None
+        # fp16=True: the optimizer the Trainer passes is accelerate's AcceleratedOptimizer, holding its GradScaler.
+        options = with_scaler(options, getattr(kwargs.get("optimizer"), "scaler", None))
         self.monitor = DeltaMonitor(model, log=log, step=lambda: state.global_step + 1, **options)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:

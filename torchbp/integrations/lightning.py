@@ -27,7 +27,7 @@ except ImportError as e:
 
 from ..monitor import DeltaMonitor
 from ..nn import convert as _convert
-from ._common import check_options, close_quietly
+from ._common import check_options, close_quietly, with_scaler
 
 __all__ = ["DeltaMonitorCallback"]
 
@@ -47,7 +47,8 @@ class DeltaMonitorCallback(pl.Callback):
     The monitor's step is ``trainer.global_step`` (optimizer steps), the x-axis Lightning logs metrics on:
     ``every`` counts optimizer steps, and under ``accumulate_grad_batches`` the first backward pass of a
     logged step is recorded. Every rank has a monitor (``global_stats=True`` needs them all); only global
-    rank zero writes. The monitor is closed (its events written) when fitting ends or fails (``on_fit_end``,
+    rank zero writes. Under ``precision="16-mixed"`` the monitor gets the precision plugin's ``GradScaler``
+    (its scale divided out of the statistics; an overflowing step flagged, as the scaler skips it). The monitor is closed (its events written) when fitting ends or fails (``on_fit_end``,
     ``on_exception``, ``teardown``); a failure to write warns and does not fail the run.
 
     Args:
@@ -79,6 +80,7 @@ class DeltaMonitorCallback(pl.Callback):
             log = log if log is not None else _log_target(trainer)
         else:
             log = None
+        options = with_scaler(options, getattr(trainer.precision_plugin, "scaler", None))  # ("16-mixed")
         self.monitor = DeltaMonitor(pl_module, log=log, step=lambda: trainer.global_step, **options)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
