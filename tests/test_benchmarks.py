@@ -14,8 +14,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     "args",
     [
-        ["bench_step.py", "--quick", "--device", "cpu", "--sizes", "small", "--repeats", "1", "--markdown"],
-        ["bench_monitor.py", "--quick", "--device", "cpu", "--repeats", "1", "--block-ms", "5", "--markdown"],
+        # (one size, one activation, one model: every mode of each script runs, eager and compiled, in ~30 s)
+        ["bench_step.py", "--quick", "--device", "cpu", "--sizes", "small", "--activations", "relu", "--repeats", "1"]
+        + ["--markdown"],
+        ["bench_monitor.py", "--quick", "--device", "cpu", "--models", "mlp-relu", "--repeats", "1", "--block-ms", "5"]
+        + ["--markdown"],
     ],
     ids=["bench_step", "bench_monitor"],
 )
