@@ -251,7 +251,6 @@ def main(argv=None) -> int:
             for name in args.models:
                 t0 = time.perf_counter()
                 vs = run(name, device, logdir, args)
-                base = {v.name: statistics.median(v.times) for v in vs}
                 for v in vs:
                     if v.hooks is not None and v.hooks.records == 0:
                         log(f"{device} {name}: {v.name} recorded nothing")
@@ -288,7 +287,8 @@ def main(argv=None) -> int:
             f"torchbp {torchbp.__version__}",
             f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             f"MLP {MLP} batch {MLP_BATCH}; transformer dim 128, 2 blocks, {LENGTH} tokens, batch {TOKENS_BATCH}; SGD",
-            f"{args.repeats} interleaved blocks of ~{args.block_ms:g} ms" + (" (--quick)" if args.quick else "")
+            f"{args.repeats} interleaved blocks of ~{args.block_ms:g} ms"
+            + (" (--quick)" if args.quick else "")
             + ("; CPU time of the process (--cpu-time)" if args.cpu_time else ""),
         ]
     )

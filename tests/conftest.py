@@ -43,8 +43,6 @@ def device(request) -> str:
     return request.param
 
 
-
-
 def _skip_reason(report: pytest.TestReport) -> tuple[str, int | None, str]:
     path, lineno, reason = report.longrepr
     return os.path.relpath(path), lineno, reason.removeprefix("Skipped: ")

@@ -249,7 +249,9 @@ def test_file_as_logdir_fails_at_once_named_as_typed(capsys, monkeypatch, tmp_pa
     """A file given as --logdir is named as the user typed it, before any data is loaded or imported."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
-    monkeypatch.setattr(torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    monkeypatch.setattr(
+        torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir")
+    )
     typed = "afile/runs" if nested else "afile"
     problem = "'afile' is a file" if nested else "it is a file"
     err = usage_error(capsys, "demo", "--logdir", typed)
@@ -282,7 +284,9 @@ def test_file_as_logdir_fails_fast_in_a_fresh_process(tmp_path):
 def test_unwritable_run_directory_is_a_failure_before_training(capsys, tmp_path, monkeypatch):
     """--logdir is fine, but <logdir>/sigmoid is a file: exit status 1, the path named, nothing trained."""
     (tmp_path / "sigmoid").write_text("")
-    monkeypatch.setattr(torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir"))
+    monkeypatch.setattr(
+        torchbp.cli.demo, "load_digits", lambda *a: pytest.fail("loaded the data before checking --logdir")
+    )
     assert main(["demo", "--logdir", str(tmp_path), "--no-progress"]) == 1
     captured = capsys.readouterr()
     expected = f"torchbp demo: error: cannot write TensorBoard logs to {str(tmp_path / 'sigmoid')!r} (in --logdir"

@@ -47,7 +47,10 @@ def _fresh_dynamo():
 
 def batches(steps, n=16, dtype=torch.float64):
     gen = torch.Generator().manual_seed(5)
-    return [(torch.randn(n, 6, generator=gen, dtype=dtype), torch.randn(n, 4, generator=gen, dtype=dtype)) for _ in range(steps)]
+    return [
+        (torch.randn(n, 6, generator=gen, dtype=dtype), torch.randn(n, 4, generator=gen, dtype=dtype))
+        for _ in range(steps)
+    ]
 
 
 class CallCounter:

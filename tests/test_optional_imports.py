@@ -30,7 +30,10 @@ def test_import_torchbp_imports_no_optional_package():
 
 @pytest.mark.parametrize(
     "module, missing, install",
-    [("lightning", "lightning", "pip install lightning"), ("hf", "transformers", "pip install transformers accelerate")],
+    [
+        ("lightning", "lightning", "pip install lightning"),
+        ("hf", "transformers", "pip install transformers accelerate"),
+    ],
 )
 def test_an_integration_without_its_package_says_what_to_install(module, missing, install):
     done = run(f"import sys; sys.modules[{missing!r}] = None\nimport torchbp.integrations.{module}")

@@ -432,7 +432,6 @@ def linear_jvp(
     return dz  # dz = da w^T + a dw^T + db
 
 
-
 def conv1d_jvp(
     input: Tensor, weight: Tensor, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
 ) -> Tensor | None:
@@ -450,6 +449,7 @@ def conv1d_jvp(
     if d_bias is not None:
         dz = d_bias.expand(input.shape[:-1] + d_bias.shape) if dz is None else dz + d_bias  # db
     return dz  # dz = da W + a dW + db
+
 
 def _one(output: Tensor) -> Tensor:
     """The upstream gradient ∂C/∂C = 1, of the loss's shape: given to a cost's backward, it returns ∂C/∂x."""
@@ -496,11 +496,7 @@ def _differentiated() -> bool:
     Then they must not take their one-buffer fast paths (in-place ops, integer bit views), which neither
     autograd nor forward-mode AD can differentiate.
     """
-    return (
-        torch.is_grad_enabled()
-        or _torch_private.functorch_transforms_active()
-        or _torch_private.forward_ad_active()
-    )
+    return torch.is_grad_enabled() or _torch_private.functorch_transforms_active() or _torch_private.forward_ad_active()
 
 
 # binary_cross_entropy_backward clamps a(1 − a) where torch's does: at its C++ constant ``float EPSILON = 1e-12``,

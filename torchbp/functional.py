@@ -41,8 +41,8 @@ from .equations import (
 from .equations import linear_jvp as linear_jvp  # (the forward-mode twin of linear_backward)
 from .functions import (
     BCEFunction,
-    Conv1DFunction,
     BCEWithLogitsFunction,
+    Conv1DFunction,
     CrossEntropyFunction,
     LinearFunction,
     MSELossFunction,

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _torch_private
-from .slots import LayerSlot
 from .equations import (
     _difference_tangent,
     _directional_derivative,
@@ -34,6 +33,7 @@ from .equations import (
     relu_backward,
     sigmoid_backward,
 )
+from .slots import LayerSlot
 
 __all__ = [
     "HandWrittenFunction",

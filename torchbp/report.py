@@ -643,4 +643,3 @@ def to_json(runs: Mapping[str, History], findings: Mapping[str, list[Finding]] |
 
 def _jsonable_dict(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in d.items()}
-

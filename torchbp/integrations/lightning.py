@@ -48,8 +48,9 @@ class DeltaMonitorCallback(pl.Callback):
     ``every`` counts optimizer steps, and under ``accumulate_grad_batches`` the first backward pass of a
     logged step is recorded. Every rank has a monitor (``global_stats=True`` needs them all); only global
     rank zero writes. Under ``precision="16-mixed"`` the monitor gets the precision plugin's ``GradScaler``
-    (its scale divided out of the statistics; an overflowing step flagged, as the scaler skips it). The monitor is closed (its events written) when fitting ends or fails (``on_fit_end``,
-    ``on_exception``, ``teardown``); a failure to write warns and does not fail the run.
+    (its scale divided out of the statistics; an overflowing step flagged, as the scaler skips it). The
+    monitor is closed (its events written) when fitting ends or fails (``on_fit_end``, ``on_exception``,
+    ``teardown``); a failure to write warns and does not fail the run.
 
     Args:
         convert: convert the module's ``torch.nn`` layers to torchbp's at fit start; turn off for a module

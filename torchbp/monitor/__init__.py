@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn import ReLU, is_monitored_layer
 from .. import _events, _torch_private
-from . import dataflow, host, ranks, records, schedule, writer
+from ..nn import ReLU, is_monitored_layer
+from . import dataflow, host, ranks, writer
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
 from .records import (  # noqa: F401 (the record's columns, re-exported)
@@ -44,12 +45,12 @@ from .records import (  # noqa: F401 (the record's columns, re-exported)
     STATS,
     WEIGHT_NORM,
     LayerSlot,
-    ReLUSlot,
     Records,
+    ReLUSlot,
+    _norm,
     dead_record,
     layer_record,
 )
-from .records import _norm
 from .schedule import Schedule, StepPlan
 
 __all__ = ["DeltaMonitor", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -251,7 +252,9 @@ class Records:
         ]
         norms = torch.stack(norms).view(2, layers)
         gen = self._gen.expand(layers)
-        block = torch.stack([norms[0], norms[1], mean, largest, fro, self._nan[:layers], gen], dim=1)  # DELTA_NORM … GEN
+        block = torch.stack(
+            [norms[0], norms[1], mean, largest, fro, self._nan[:layers], gen], dim=1
+        )  # DELTA_NORM … GEN
         key = tuple(p.row for p in batch)
         rows = self._rows.get(key)
         if rows is None or rows.device != buffer.device:
@@ -374,4 +377,3 @@ class ReLUSlot:
 
 def _none() -> None:
     return None
-

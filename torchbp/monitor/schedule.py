@@ -26,7 +26,8 @@ inputs only) is counted only when it records.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 
 class StepPlan(NamedTuple):
