@@ -252,9 +252,8 @@ class Records:
         ]
         norms = torch.stack(norms).view(2, layers)
         gen = self._gen.expand(layers)
-        block = torch.stack(
-            [norms[0], norms[1], mean, largest, fro, self._nan[:layers], gen], dim=1
-        )  # DELTA_NORM … GEN
+        columns = [norms[0], norms[1], mean, largest, fro, self._nan[:layers], gen]  # DELTA_NORM … GEN
+        block = torch.stack(columns, dim=1)
         key = tuple(p.row for p in batch)
         rows = self._rows.get(key)
         if rows is None or rows.device != buffer.device:
