@@ -13,6 +13,8 @@ Variants of each model (deep copies: the same initial weights), timed interleave
                       ``output.register_hook`` that computes ‖Σ_n δ_n‖, ‖δ‖, mean and max ‖δ_n‖, and
                       ‖∂C/∂W‖ of every layer after backward (``torch._foreach_norm``); records counted
     off               torchbp, converted, no monitor
+    unlogged steps    DeltaMonitor(model, log=<tmp>, every=10**9): logs its first step, then never: what an
+                      unlogged step costs
     log every 10      DeltaMonitor(model, log=<tmp>) (the default every=10): records only on logged steps,
                       δ histograms every 100th
     log every step    DeltaMonitor(model, log=<tmp>, every=1): recorded and written every step, histograms
@@ -81,7 +83,7 @@ TARGETS = {
 }
 MLP_ONLY = {"log every step", "+per-sample"}
 # the reference of a variant without a target
-BASELINE = {"torch + hooks": "torch", "off": "torch", "compiled off": "torch"}
+BASELINE = {"torch + hooks": "torch", "off": "torch", "unlogged steps": "off", "compiled off": "torch"}
 
 
 class HandRolledHooks:
@@ -169,6 +171,8 @@ def variants(name: str, device: torch.device, logdir: str, compile_too: bool) ->
     t, m = trainer(source=plain)
     out.append(Variant("torch + hooks", t, hooks=HandRolledHooks(m)))
     out.append(Variant("off", trainer()[0]))
+    t, m = trainer()
+    out.append(Variant("unlogged steps", t, torchbp.DeltaMonitor(m, log=path("never"), every=10**9)))
     t, m = trainer()
     out.append(Variant("log every 10", t, torchbp.DeltaMonitor(m, log=path("every10"))))
     t, m = trainer()
