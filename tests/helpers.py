@@ -6,6 +6,10 @@ with torch ops), never against torchbp itself.
 
 from __future__ import annotations
 
+import copy
+import gc
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -13,9 +17,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import torchbp
 from torchbp.cli.check import TOLERANCES, quadratic_cost_formula
 
 #: The reason a CUDA variant skips on a machine without a GPU (the test summary sums these up in one line).
@@ -140,3 +145,228 @@ class OpRecorder(TorchDispatchMode):
     @property
     def gemms(self) -> list[str]:
         return [op for op in self.ops if op in GEMM_OPS]
+
+
+# --------------------------------------------------------------------------------------------------
+# The monitor's tests: the documented statistics, the oracle, models built twice (torch.nn and torchbp)
+# --------------------------------------------------------------------------------------------------
+
+# The documented statistics (DeltaMonitor's docstring), also its TensorBoard tag prefixes.
+STATS = (
+    "delta_norm",
+    "delta_fro",
+    "delta_sample_norm_mean",
+    "delta_sample_norm_max",
+    "weight_grad_norm",
+    "delta_gain",
+    "dead_fraction",
+    "delta_nonfinite",
+)
+REL = 1e-12  # float64 models: the monitor records in float64
+REL_EVENT = 1e-5  # values read back from event files (float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The oracle: δ^l from PyTorch's autograd, via tensor hooks on each torch.nn.Linear's output
+# --------------------------------------------------------------------------------------------------
+
+
+class DeltaOracle:
+    """Captures z^l (forward) and δ^l = ∂C/∂z^l (backward, in the order autograd produces them).
+
+    The tensor hook is registered on the Linear's output before any (in-place) activation runs, so it
+    receives the gradient with respect to z^l itself (PyTorch's documented hook semantics).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+        assert self.modules, "the oracle model must be built from torch.nn.Linear"
+        self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in self.modules.items()]
+        self.reset()
+
+    def reset(self) -> None:
+        self.z: dict[str, torch.Tensor] = {}
+        self.delta: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []  # backward order
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, z):
+            self.z[name] = z.detach().clone()  # clone: an in-place ReLU overwrites z afterwards
+
+            def on_grad(g):
+                self.delta[name] = g.detach().clone()
+                self.order.append(name)
+
+            if z.requires_grad:
+                z.register_hook(on_grad)
+
+        return hook
+
+    def stats(self, relu_after: set[str]) -> dict[str, dict[str, float | bool | None]]:
+        """Every documented statistic, from torch's δ, z and W.grad (zeroed before the backward)."""
+        out: dict[str, dict] = {}
+        previous = None
+        for name in self.order:
+            d, m = self.delta[name], self.modules[name]
+            n = d.shape[0] if d.dim() > 1 else 1  # an unbatched (in,) input is one sample
+            per_sample = d.reshape(n, -1).norm(dim=1)  # norm over all non-batch dims of sample n
+            fro = d.norm()
+            dead = None
+            if name in relu_after:  # σ'(z) = 0 for every sample <=> z <= 0 for every sample
+                z = self.z[name]
+                dead = (z <= 0).reshape(-1, z.shape[-1]).all(0).double().mean().item()
+            out[name] = {
+                "delta_norm": d.reshape(-1, d.shape[-1]).sum(0).norm().item(),  # ‖Σ_n δ_n‖ over all batch dims
+                "delta_fro": fro.item(),  # ‖δ‖ over the whole batch
+                "delta_sample_norm_mean": per_sample.mean().item(),
+                "delta_sample_norm_max": per_sample.max().item(),
+                "weight_grad_norm": None if m.weight.grad is None else m.weight.grad.norm().item(),
+                "delta_gain": None if previous is None else (fro / previous).item(),
+                "dead_fraction": dead,
+                "delta_nonfinite": not bool(torch.isfinite(d).all()),
+            }
+            previous = fro
+        return out
+
+
+def assert_stats_match(ours: dict, expected: dict, rel: float = REL, label: str = "") -> None:
+    """Every layer, every statistic; a failure lists all mismatches, labelled by layer and statistic."""
+    assert set(ours) == set(expected), f"{label}layers: monitor has {sorted(ours)}, torch model has {sorted(expected)}"
+    problems = []
+    for name, exp in expected.items():
+        got = ours[name]
+        if set(got) != set(STATS):
+            problems.append(f"{name}: statistics {sorted(got)}, documented {sorted(STATS)}")
+            continue
+        for stat in STATS:
+            o, e = got[stat], exp[stat]
+            if e is None or o is None or isinstance(e, bool):
+                ok = o is e if isinstance(e, bool) else (o is None and e is None)
+            else:
+                ok = math.isclose(o, e, rel_tol=rel, abs_tol=1e-9) or (math.isnan(o) and math.isnan(e))
+            if not ok:
+                problems.append(f"{label}layer {name!r} {stat}: monitor {o!r}, torch {e!r}")
+    assert not problems, "\n".join(problems)
+
+
+def monitored(model: nn.Module) -> list[str]:
+    """The layers of ``model`` that carry a monitor's slot right now."""
+    return [name for name, m in model.named_modules() if m.__dict__.get("_torchbp_slot") is not None]
+
+
+def attached_monitors() -> int:
+    """How many DeltaMonitors are attached to a model right now (the monitor objects alive, found by the gc; one
+    whose constructor failed is not attached)."""
+    return sum(1 for o in gc.get_objects() if type(o) is torchbp.DeltaMonitor and getattr(o, "_attached", False))
+
+
+def bp_copy(torch_model: nn.Module) -> nn.Module:
+    """The torchbp twin: same weights, converted."""
+    return torchbp.convert(copy.deepcopy(torch_model))
+
+
+def kill_units(linear: nn.Linear, rows: list[int], bias_value: float = -1.0) -> None:
+    """Make units dead on purpose: weight row 0 and bias < 0 gives z = bias for every sample.
+
+    ``bias_value=0.0`` (or a layer without bias) gives z = 0 exactly, where σ'(0) = 0 (as torch).
+    """
+    with torch.no_grad():
+        linear.weight[rows] = 0.0
+        if linear.bias is not None:
+            linear.bias[rows] = bias_value
+
+
+# --------------------------------------------------------------------------------------------------
+# Models (torch.nn; converted copies are monitored). Each builder returns (model, relu_after): the
+# Linear layers whose output goes straight into a ReLU.
+# --------------------------------------------------------------------------------------------------
+
+
+def mixed_mlp():
+    m = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8, bias=False), nn.Sigmoid(), nn.Linear(8, 4))
+    kill_units(m[0], [0, 1])
+    kill_units(m[0], [2], bias_value=0.0)  # z = 0 exactly: dead, as σ'(0) = 0
+    return m, {"0"}
+
+
+def relu_mlp(inplace: bool = False):
+    m = nn.Sequential(
+        nn.Linear(6, 12),
+        nn.ReLU(inplace),
+        nn.Linear(12, 10, bias=False),
+        nn.ReLU(inplace),
+        nn.Linear(10, 8),
+        nn.ReLU(inplace),
+        nn.Linear(8, 3),
+    )
+    kill_units(m[0], [0, 3, 5])
+    kill_units(m[2], [1])  # bias=False: z = 0 exactly
+    kill_units(m[4], [7], bias_value=-3.0)
+    return m, {"0", "2", "4"}
+
+
+def sigmoid_mlp():
+    m = nn.Sequential(nn.Linear(6, 10), nn.Sigmoid(), nn.Linear(10, 8), nn.Sigmoid(), nn.Linear(8, 3), nn.Sigmoid())
+    return m, set()
+
+
+class Nested(nn.Module):
+    """Qualified names ("encoder.fc1"), a functional sigmoid in forward, a ReLU inside a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 10), act=nn.ReLU(), fc2=nn.Linear(10, 8)))
+        self.head = nn.Linear(8, 3, bias=False)
+        kill_units(self.encoder.fc1, [4, 9])
+
+    def forward(self, x):
+        return self.head(torch.sigmoid(self.encoder(x)))
+
+
+def nested():
+    return Nested(), {"encoder.fc1"}
+
+
+MODELS = {
+    "mixed": mixed_mlp,
+    "relu": relu_mlp,
+    "relu_inplace": lambda: relu_mlp(inplace=True),
+    "sigmoid": sigmoid_mlp,
+    "nested": nested,
+}
+SHAPES = {"2d": (16, 6), "3d": (4, 5, 6), "1d": (6,)}
+
+
+def make_models(builder, device, dtype=torch.float64):
+    torch_model, relu_after = builder()
+    torch_model = torch_model.to(device=device, dtype=dtype)
+    bp_model = bp_copy(torch_model)
+    # The oracle's tensor hooks on z^l do not fire once an in-place ReLU rebases a view z^l (1-D and
+    # 3-D inputs), so the torch model runs its ReLUs out of place: the same δ, the same gradients.
+    for m in torch_model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return torch_model, bp_model, relu_after
+
+
+def loss_fn(out, target):
+    return F.mse_loss(out, target)  # torch's loss on both sides: only the layers differ
+
+
+def read_events(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def scalar_series(ea, tag) -> dict[int, float]:
+    events = ea.Scalars(tag)
+    steps = [e.step for e in events]
+    assert len(steps) == len(set(steps)), f"{tag}: a step was written twice: {steps}"
+    return {e.step: e.value for e in events}

@@ -22,8 +22,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from helpers import OpRecorder, assert_close_labelled, leaf_copy, tolerance
-from test_monitor import DeltaOracle, assert_stats_match, kill_units
+from helpers import DeltaOracle, OpRecorder, assert_close_labelled, assert_stats_match, kill_units, leaf_copy, tolerance
 from torch import nn
 from torch.func import functional_call
 

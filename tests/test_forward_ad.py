@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from cases import CASES, Case
 from helpers import DTYPES, OpRecorder, assert_close_labelled, quadratic_cost_formula, torch_ref
-from test_functional import CASES, Case
 from torch import nn
 from torch.autograd import gradcheck
 from torch.autograd.gradcheck import GradcheckError

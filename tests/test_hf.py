@@ -19,8 +19,11 @@ pytest.importorskip("transformers", reason="the Trainer tests need transformers 
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install torchbp[integrations])")
 pytest.importorskip("tensorboard", reason="the Trainer tests need tensorboard")
 
-from helpers import NEEDS_CUDA  # noqa: E402
-from test_monitor import read_events, scalar_series  # noqa: E402
+from helpers import (  # noqa: E402
+    NEEDS_CUDA,
+    read_events,
+    scalar_series,
+)
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 import torchbp  # noqa: E402

@@ -23,9 +23,12 @@ pytest.importorskip("tensorboard", reason="the Lightning tests need tensorboard"
 
 import lightning.pytorch as pl  # noqa: E402
 from _lightning_module import Net, loader  # noqa: E402
-from helpers import NEEDS_CUDA  # noqa: E402
+from helpers import (  # noqa: E402
+    NEEDS_CUDA,
+    read_events,
+    scalar_series,
+)
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from test_monitor import read_events, scalar_series  # noqa: E402
 
 import torchbp  # noqa: E402
 from torchbp.integrations.lightning import DeltaMonitorCallback  # noqa: E402

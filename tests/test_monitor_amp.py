@@ -15,8 +15,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICES
-from test_monitor import STATS, DeltaOracle, bp_copy, mixed_mlp, read_events, scalar_series
+from helpers import DEVICES, STATS, DeltaOracle, bp_copy, mixed_mlp, read_events, scalar_series
 from torch import nn
 
 import torchbp

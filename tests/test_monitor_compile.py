@@ -16,8 +16,8 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
-from helpers import DEVICES
-from test_monitor import (
+from helpers import (
+    DEVICES,
     DeltaOracle,
     assert_stats_match,
     loss_fn,

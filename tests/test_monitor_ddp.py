@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_monitor import STATS, read_events, scalar_series
+from helpers import STATS, read_events, scalar_series
 
 import torchbp
 

@@ -13,8 +13,7 @@ import pathlib
 
 import pytest
 import torch
-from helpers import DEVICES
-from test_monitor import STATS, DeltaOracle, bp_copy
+from helpers import DEVICES, STATS, DeltaOracle, bp_copy
 from torch import nn
 
 import torchbp

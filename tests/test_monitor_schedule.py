@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from test_monitor import (
+from helpers import (
     DeltaOracle,
     assert_stats_match,
     loss_fn,

@@ -13,7 +13,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb", reason="the W&B test needs wandb (pip install torchbp[integrations])")
 pytest.importorskip("tensorboard", reason="the W&B test needs tensorboard")
-from test_monitor import read_events, scalar_series  # noqa: E402
+from helpers import read_events, scalar_series  # noqa: E402
 
 CHILD = Path(__file__).resolve().with_name("_wandb_child.py")
 ROOT = CHILD.parent.parent  # the child imports this checkout's torchbp
