@@ -65,10 +65,11 @@ def _holding_saved_tensors() -> tuple[list[list], Any, Any]:
     tensors. The loop's backward empties a holder (``[None, …]``) once its tensor is used, so each activation is
     freed where the per-op backward frees it (peak memory as per-op).
 
-    A holder keeps a non-leaf tensor as a detached alias (same storage and version counter, no ``grad_fn``): the saved outputs of the
-    Function (the kept activations, the run's output) have the Function's own node as ``grad_fn``, and a holder
-    that kept them would keep that node, which owns the holder, alive: a cycle through C++ that Python's garbage
-    collector cannot see, leaking the graph of a forward without backward or of a retained graph once dropped.
+    A holder keeps a non-leaf tensor as a detached alias (same storage and version counter, no ``grad_fn``): the
+    saved outputs of the Function (the kept activations, the run's output) have the Function's own node as
+    ``grad_fn``, and a holder that kept them would keep that node, which owns the holder, alive: a cycle through
+    C++ that Python's garbage collector cannot see, leaking the graph of a forward without backward or of a
+    retained graph once dropped (one ``detach`` per saved non-leaf tensor breaks it).
     Autograd gives the unpacked tensor its ``grad_fn`` back itself (from the saved variable), as without hooks.
     The version is checked at unpacking, as autograd does without hooks (it cannot with them). Under outer hooks
     the outer pack hook sees the tensor itself and what it keeps is its own, as for torch's ops (``save_on_cpu``
