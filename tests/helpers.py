@@ -6,11 +6,15 @@ with torch ops), never against torchbp itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
+import os
+import subprocess
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -370,3 +374,22 @@ def scalar_series(ea, tag) -> dict[int, float]:
     steps = [e.step for e in events]
     assert len(steps) == len(set(steps)), f"{tag}: a step was written twice: {steps}"
     return {e.step: e.value for e in events}
+
+
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``mount -o size=``, e.g. ``"256k"``) mounted at ``mnt`` (created) while the ``with``
+    block runs: a real filesystem that fills up. Skips the test where it cannot be mounted (needs root and
+    permission to mount)."""
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {out.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -8,14 +8,13 @@ writer thread died, and ``on_error="raise"``. Each reads the event files back wi
 from __future__ import annotations
 
 import errno
-import os
 import shutil
-import subprocess
 import threading
 import warnings
 
 import pytest
 import torch
+from helpers import small_tmpfs
 
 import torchbp
 from torchbp import _events
@@ -57,17 +56,8 @@ def write_warnings(caught, logdir) -> list[str]:
 @pytest.fixture
 def full_disk(tmp_path):
     """A 256 KiB tmpfs (needs root and permission to mount)."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"mount -t tmpfs is not permitted here: {out.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "256k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_warns_once_training_goes_on_and_close_reports_the_dropped_events(full_disk):

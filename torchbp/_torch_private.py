@@ -7,6 +7,7 @@ names it as the one to move to. A torch upgrade that breaks one of these breaks 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "is_functorch_wrapped",
     "function_apply_without_prologue",
     "top_saved_tensors_hooks",
+    "tensor_version",
     "push_saved_tensors_hooks",
     "pop_saved_tensors_hooks",
     "graph_task_keeps_graph",
@@ -99,6 +101,12 @@ def top_saved_tensors_hooks() -> tuple[Callable, Callable] | None:
     packs on top of them, as nested ``saved_tensors_hooks`` would replace them. Checked on torch 2.13.0;
     no public API (``torch.autograd.graph.saved_tensors_hooks`` sets hooks but cannot read them)."""
     return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+#: A tensor's version counter (bumped by each in-place operation): the backprop loop's saved-tensor hooks check it
+#: at unpacking, as autograd does for saved tensors without hooks (and cannot with them). An attrgetter, one C
+#: call per saved tensor. Checked on torch 2.13.0; no public API (``Tensor._version``).
+tensor_version: Callable[[Tensor], int] = operator.attrgetter("_version")
 
 
 def push_saved_tensors_hooks(pack: Callable, unpack: Callable) -> None:

@@ -60,28 +60,41 @@ def _loop_plan(kinds: tuple[str, ...]) -> _LoopPlan:
 
 
 def _holding_saved_tensors() -> tuple[list[list], Any, Any]:
-    """saved_tensors_hooks that pack each saved tensor into a holder, a one-element list (on top of any hooks in
-    effect, e.g. ``save_on_cpu``), and a list that unpacking fills with the holders, in the order of the saved
-    tensors. The loop's backward empties a holder (``[None]``) once its tensor is used, so each activation is freed
-    where the per-op backward frees it (peak memory as per-op)."""
+    """saved_tensors_hooks that pack each saved tensor into a holder, ``[tensor, its version]`` (on top of any hooks
+    in effect, e.g. ``save_on_cpu``), and a list that unpacking fills with the holders, in the order of the saved
+    tensors. The loop's backward empties a holder (``[None, …]``) once its tensor is used, so each activation is
+    freed where the per-op backward frees it (peak memory as per-op).
+
+    A holder keeps a non-leaf tensor as a detached alias (same storage and version counter, no ``grad_fn``): the
+    saved outputs of the Function (the kept activations, the run's output) have the Function's own node as
+    ``grad_fn``, and a holder that kept them would keep that node, which owns the holder, alive: a cycle through
+    C++ that Python's garbage collector cannot see, leaking the graph of a forward without backward or of a
+    retained graph once dropped (one ``detach`` per saved non-leaf tensor breaks it).
+    Autograd gives the unpacked tensor its ``grad_fn`` back itself (from the saved variable), as without hooks.
+    The version is checked at unpacking, as autograd does without hooks (it cannot with them). Under outer hooks
+    the outer pack hook sees the tensor itself and what it keeps is its own, as for torch's ops (``save_on_cpu``
+    of a CPU tensor keeps the tensor: torch's own ops then keep their graphs alive too), and, as autograd under
+    hooks, nothing checks the version (a tensor kept only for that would defeat ``save_on_cpu``)."""
     unpacked: list[list] = []
     outer = _torch_private.top_saved_tensors_hooks()
     if outer is None:
 
         def pack(t: Tensor) -> list:
-            return [t]
+            return [t if t.is_leaf else t.detach(), _version(t)]  # (a leaf has no grad_fn: no cycle to break)
 
         def unpack(h: list) -> Tensor:
             t = h[0]
             if t is None:
                 _freed()
+            if _version(t) != h[1]:
+                _modified(t, h[1])
             unpacked.append(h)
             return t
 
         return unpacked, pack, unpack
     outer_pack, outer_unpack = outer
 
-    def pack_over(t: Tensor) -> list:
+    def pack_over(t: Tensor) -> list:  # (the outer hook sees the tensor itself, as it would without the loop)
         return [outer_pack(t)]
 
     def unpack_over(h: list) -> Tensor:
@@ -93,10 +106,21 @@ def _holding_saved_tensors() -> tuple[list[list], Any, Any]:
     return unpacked, pack_over, unpack_over
 
 
+_version = _torch_private.tensor_version
+
+
 def _freed() -> None:
     raise RuntimeError(
         "torchbp: the backprop loop's saved tensors were freed by a backward pass; "
         "pass retain_graph=True to backward through the graph a second time"
+    )
+
+
+def _modified(t: Tensor, saved_version: int) -> None:
+    raise RuntimeError(
+        f"torchbp: one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: a tensor of shape {tuple(t.shape)} that the backprop loop saved is at version {_version(t)}, "
+        f"expected version {saved_version}; use an out-of-place operation (y = y * 2, not y.mul_(2)) or clone it"
     )
 
 
