@@ -87,6 +87,23 @@ def _nothing(*args) -> None:
     return None
 
 
+class _EndOfBackward:
+    """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
+    to it tells whether that pass is still running (torch drops it when the pass ends or fails)."""
+
+    __slots__ = ("fn", "__weakref__")
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        self.fn()
+
+
+def _dead_ref() -> None:
+    return None
+
+
 # Which monitor owns each monitored module (a copy of a module is not in it).
 _owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -144,9 +161,9 @@ class DeltaMonitor:
     compiled graphs (with and without the records), each compiled once and cached: no recompilation
     after the first of each. Attaching a monitor to a compiled model, or closing it, changes what the
     layers' forward reads, so the next call recompiles once. The data flow between layers (for
-    ``delta_gain`` and ``dead_fraction``) is read from the autograd graph of one eager forward pass: from
-    attaching until the first forward pass with gradients, ``torch.compile`` runs eagerly (its stance is
-    ``"force_eager"``), then compiles as usual. δ histograms are recorded in eager backward passes only.
+    ``delta_gain`` and ``dead_fraction``) is read from the autograd graph of the eager forward passes before
+    the first backward pass ends (forward passes recomputed by activation checkpointing included): until
+    then, ``torch.compile`` runs eagerly (its stance is ``"force_eager"``), then compiles as usual. δ histograms are recorded in eager backward passes only.
     With a step callable, see :mod:`torchbp.monitor.schedule` for when a compiled model is armed.
 
     **Logging.** With ``log`` set, the statistics of every logged step are copied to the host
@@ -291,7 +308,8 @@ class DeltaMonitor:
         self._relus: dict[ReLU, ReLUSlot] = {}
         self._gen = 0  # the generation number the next recorded step's records carry (also in the buffer)
         self._latest: tuple[Tensor, int] | None = None  # the last logged step's records and generation
-        self._task = None
+        self._task = None  # the backward pass whose step is running (its id), and its end-of-backward callback
+        self._end: weakref.ref = _dead_ref
         self._eager_step = False
         self._attached = self._armed = self._dirty = False
         self._stance_forced = False
@@ -376,6 +394,8 @@ class DeltaMonitor:
     def _before_forward(self, module, args) -> None:
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return  # (traced by Dynamo as nothing: a compiled model is armed at the end of backward)
+        if _torch_private.current_graph_task_id() != -1:
+            return  # a forward recomputed in a backward (torch.utils.checkpoint): its step is running
         self._arm(self._schedule.arm_now() or self._flow.discovering)
 
     def flush(self) -> None:
@@ -409,17 +429,12 @@ class DeltaMonitor:
         self._flow.reset()
         self._stance_forced = True
         dataflow.force_eager(True)
-        self._discovery_hook = self.model.register_forward_hook(_Hook(self._forward_done))
 
-    def _forward_done(self, module, args, output) -> None:
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._end_discovery(restore_stance=False)  # (not inside a compiled call's frame)
-
-    def _end_discovery(self, restore_stance: bool = True) -> None:
-        if self._flow.discovering:
-            self._flow.discovering = False
-            self._discovery_hook.remove()
-        if restore_stance and self._stance_forced:
+    def _end_discovery(self) -> None:
+        # At the end of the first backward pass, not of the first forward: a block under a reentrant
+        # torch.utils.checkpoint runs its forward without gradients, and again, with them, in the backward.
+        self._flow.discovering = False
+        if self._stance_forced:
             self._stance_forced = False
             dataflow.force_eager(False)
 
@@ -434,7 +449,7 @@ class DeltaMonitor:
         """A monitored layer's backward (``delta``, or ``None`` from a ReLU's) or a monitored parameter's
         gradient (``None``) ran: the plan of this backward pass."""
         task = _torch_private.current_graph_task_id()
-        if task != self._task:  # the first of a new backward pass
+        if task != self._task and not self._nested(task):  # the first of a new backward pass
             self._task = task
             plan = self._schedule.begin()
             if plan.record:
@@ -442,15 +457,24 @@ class DeltaMonitor:
                 if self.per_sample_norms:
                     self._records.per_sample = {}
             self._eager_step = False
-            _torch_private.queue_end_of_backward_callback(self._end_of_backward)
+            end = _EndOfBackward(self._end_of_backward)
+            self._end = weakref.ref(end)  # (held by the backward pass until it ends or fails)
+            _torch_private.queue_end_of_backward_callback(end)
         if delta is not None:
             self._eager_step = True
             self._records.follow(delta)
         return self._schedule.plan
 
+    def _nested(self, task: int) -> bool:
+        """Whether backward pass ``task`` runs inside the one this monitor's step is in (``self._task``): a
+        backward called from a backward, as a reentrant ``torch.utils.checkpoint`` does for its block. Its
+        layers belong to the running step. The running one is still alive while its end-of-backward callback
+        is (torch frees it with the pass, also when the pass raised: then ``task`` begins a new step)."""
+        return self._task is not None and self._end() is not None
+
     def _end_of_backward(self) -> None:
         self._task = None
-        self._end_discovery()  # (a model whose root forward never ran: the data flow is read by now)
+        self._end_discovery()  # (the data flow is read by now: forward passes and recomputed ones)
         plan, gen = self._schedule.plan, self._gen
         self._records.flush()  # (the eager records of this backward pass, all layers at once)
         if plan.record and self._dirty:  # (recorded: its layers had their slots)
