@@ -9,7 +9,6 @@ gradients).
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -126,3 +125,71 @@ def test_checkpointing_compiled_non_reentrant_records_the_unchecked_statistics()
     assert [s for s, _ in logged] == [s for s, _ in expected] == [0, 1]
     for (s, actual), (_, wanted) in zip(logged, expected):
         assert_latest_equal(actual, wanted, f"compiled checkpoint(use_reentrant=False) step {s}")
+
+
+# -- torch.autograd.grad with respect to some of the parameters ----------------------------------------------
+
+
+def grad_models(chain: bool):
+    """A torchbp Sequential (Linear, ReLU, Linear, Sigmoid, Linear) run chained or per op, and torch's twin."""
+    torch.manual_seed(0)
+    model = torchbp.nn.Sequential(
+        torchbp.nn.Linear(6, 8),
+        torchbp.nn.ReLU(),
+        torchbp.nn.Linear(8, 8),
+        torchbp.nn.Sigmoid(),
+        torchbp.nn.Linear(8, 3),
+    ).double()
+    model.chain = chain
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 3)
+    ).double()
+    return model, reference
+
+
+ASKED = {
+    "last-weight": lambda m, x: [m[4].weight],
+    "middle-bias": lambda m, x: [m[2].bias],
+    "input-only": lambda m, x: [x],
+    "first-weight-and-input": lambda m, x: [m[0].weight, x],
+}
+
+
+@pytest.mark.parametrize("asked", list(ASKED))
+def test_autograd_grad_on_some_parameters_chained_equals_per_op_and_torch(asked):
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    target = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    results = {}
+    for chain in (True, False):
+        model, reference = grad_models(chain)
+        assert model.chained_runs() == ([(0, 5)] if chain else [])
+        x = x0.clone().requires_grad_()
+        with torchbp.DeltaMonitor(model) as monitor:
+            loss = torch.nn.functional.mse_loss(model(x), target)
+            grads = torch.autograd.grad(loss, ASKED[asked](model, x))
+        xr = x0.clone().requires_grad_()
+        expected = torch.autograd.grad(torch.nn.functional.mse_loss(reference(xr), target), ASKED[asked](reference, xr))
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14, msg=f"chain={chain} {asked}: gradient")
+        assert all(p.grad is None for p in model.parameters()), "autograd.grad accumulated into .grad"
+        results[chain] = monitor.latest()
+    assert results[True], "nothing recorded"
+    assert_latest_equal(results[True], results[False], f"{asked}: chained vs per-op records")
+
+
+def test_autograd_grad_of_the_last_weight_runs_only_the_last_layer():
+    """The chained loop computes nothing below the lowest layer asked for (the per-op path's nodes are not run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for chain in (True, False):
+        model, _ = grad_models(chain)
+        x = torch.randn(16, 6, dtype=torch.float64)
+        out = model(x).sum()
+        with FlopCounterMode(display=False) as flops:
+            torch.autograd.grad(out, [model[4].weight])
+        counts[chain] = flops.get_total_flops()
+    # chained: BP4 of the last layer only (δᵀ a); per op, that layer's node also runs its BP2 (unused)
+    assert counts[True] == 2 * 16 * 8 * 3 and counts[False] == 2 * counts[True], counts

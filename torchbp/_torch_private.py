@@ -30,6 +30,7 @@ __all__ = [
     "global_module_hooks_present",
     "current_graph_task_id",
     "queue_end_of_backward_callback",
+    "will_use_gradient",
     "force_compile_eager",
     "restore_compile_stance",
 ]
@@ -146,6 +147,20 @@ def queue_end_of_backward_callback(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the running backward pass ends (after every gradient is accumulated). Checked on
     torch 2.13.0; no public API (``torch.autograd.Variable._execution_engine.queue_callback``)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def will_use_gradient(node: Any) -> bool:
+    """Whether the running backward pass uses the gradient that flows into autograd node ``node`` (an entry of a
+    Function's ``ctx.next_functions``): ``False`` for a node that ``torch.autograd.grad(outputs, inputs)`` or
+    ``backward(inputs=...)`` needs nothing from. The backprop loop skips the layers below the lowest one asked
+    for, as the per-op Functions' nodes are then not run. torch refuses the question for a leaf's
+    AccumulateGrad that ``autograd.grad`` captures (a leaf asked for): its gradient is used. Checked on torch
+    2.13.0; no public API (``torch.autograd.graph.register_multi_grad_hook`` and ``torch.utils.checkpoint`` use
+    ``torch._C._will_engine_execute_node`` the same way)."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # (a leaf captured by autograd.grad: one of the inputs asked for)
+        return True
 
 
 # -- torch.compile's stance --------------------------------------------------------------------------------
