@@ -193,3 +193,63 @@ def test_autograd_grad_of_the_last_weight_runs_only_the_last_layer():
         counts[chain] = flops.get_total_flops()
     # chained: BP4 of the last layer only (δᵀ a); per op, that layer's node also runs its BP2 (unused)
     assert counts[True] == 2 * 16 * 8 * 3 and counts[False] == 2 * counts[True], counts
+
+
+# -- every, histogram_every, image_every after construction ------------------------------------------------
+
+
+def small_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torchbp.nn.Linear(4, 6), torchbp.nn.ReLU(), torchbp.nn.Linear(6, 2)).double()
+
+
+def train(model, steps, monitor=None, change=None):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    for s in range(steps):
+        if change is not None and s in change:
+            change[s](monitor)
+        model(x).pow(2).sum().backward()
+
+
+def test_every_set_after_construction_takes_effect_from_the_next_step(tmp_path):
+    from test_monitor import read_events
+
+    model = small_mlp()
+    with torchbp.DeltaMonitor(model, log=tmp_path, every=10, histogram_every=0) as monitor:
+
+        def to_5(m):
+            m.every = 5
+            m.histogram_every = 15
+
+        train(model, 20, monitor, {3: to_5})
+        assert (monitor.every, monitor.histogram_every) == (5, 15)
+        assert monitor.history()["steps"] == [0, 5, 10, 15]
+    events = read_events(tmp_path)
+    assert [e.step for e in events.Histograms("delta/0")] == [15]
+
+
+def test_every_set_to_log_the_next_step_arms_its_forward():
+    model = small_mlp()
+    monitor = torchbp.DeltaMonitor(model, every=100)
+    train(model, 3)
+    assert monitor.latest() and monitor.step == 2  # (step 0 is logged; steps 1, 2 are not)
+    first = monitor.latest()
+    monitor.every = 3  # step 3 is due
+    model(torch.ones(8, 4, dtype=torch.float64)).pow(2).sum().backward()
+    assert monitor.step == 3 and monitor.latest() != first
+    monitor.close()
+
+
+@pytest.mark.parametrize(
+    "name, value", [("every", 0), ("every", 2.0), ("every", True), ("histogram_every", -1), ("image_every", "5")]
+)
+def test_every_set_to_a_bad_value_raises_as_the_constructor_does(name, value):
+    monitor = torchbp.DeltaMonitor(small_mlp())
+    before = getattr(monitor, name)
+    with pytest.raises(ValueError, match=f"{name} must be an int >= "):
+        setattr(monitor, name, value)
+    assert getattr(monitor, name) == before
+    with pytest.raises(ValueError, match=f"{name} must be an int >= "):
+        torchbp.DeltaMonitor(small_mlp(), **{name: value})
+    monitor.close()

@@ -249,11 +249,8 @@ class DeltaMonitor:
             ("image_every", image_every),
             ("max_history", max_history),
         ):
-            low = 0 if name in ("histogram_every", "image_every") else 1
-            if (value is not None or name == "every") and (
-                not isinstance(value, int) or isinstance(value, bool) or value < low
-            ):
-                raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
+            if value is not None or name == "every":
+                _check_count(name, value)
         if scaler is not None and not hasattr(scaler, "get_scale"):
             raise TypeError(f"DeltaMonitor: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if step is not None and not callable(step):
@@ -273,9 +270,8 @@ class DeltaMonitor:
         self.model = model
         self.layers = dict(reversed(layers.items()))  # backward order for a sequential model
         self._names = list(self.layers)
-        self.every = every
-        self.histogram_every = 10 * every if histogram_every is None else histogram_every
-        self.image_every = 100 * every if image_every is None else image_every
+        self._histogram_every = 10 * every if histogram_every is None else histogram_every
+        image_every = 100 * every if image_every is None else image_every
         self.per_sample_norms = bool(per_sample_norms)
         self.scaler = scaler
         self.global_stats = bool(global_stats)
@@ -285,7 +281,7 @@ class DeltaMonitor:
             raise ValueError(f"DeltaMonitor: on_error must be one of {_events.ON_ERROR}, got {on_error!r}")
         self.on_error = on_error
         self._open(log, log_rank)  # (the writer first: the histograms' schedule depends on it)
-        self._schedule = Schedule(every, self.histogram_every if self._sink is not None else 0, step)
+        self._schedule = Schedule(every, self._histogram_every if self._sink is not None else 0, step)
         widths = [_out_features(layer) for layer in self.layers.values()]
         weights = [layer.weight for layer in self.layers.values()]
         dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
@@ -300,7 +296,7 @@ class DeltaMonitor:
             self._names,
             self._sink,
             self.writer,
-            self.image_every,
+            image_every,
             warn_nonfinite=scaler is None,
             on_error=on_error,
         )
@@ -328,6 +324,44 @@ class DeltaMonitor:
                 log = os.path.join(os.fspath(log), f"rank{self.rank}")
             self.writer, self._owns_writer = writer.open_writer(log, self.on_error)
             self._sink = writer._Sink(self.writer, self.on_error)
+
+    # -- the schedule, settable ---------------------------------------------------------------------
+
+    @property
+    def every(self) -> int:
+        """Log (and record) every this many steps. Settable (an int >= 1): it takes effect from the next forward
+        pass (a backward pass whose forward pass has run keeps its plan)."""
+        return self._schedule.every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        self._schedule.every = _check_count("every", value)
+        self._rearm()
+
+    @property
+    def histogram_every(self) -> int:
+        """Write δ histograms every this many steps (with a log); ``0``: never. Settable, as :attr:`every`."""
+        return self._histogram_every
+
+    @histogram_every.setter
+    def histogram_every(self, value: int) -> None:
+        self._histogram_every = _check_count("histogram_every", value)
+        self._schedule.histogram_every = value if self._sink is not None else 0
+        self._rearm()
+
+    @property
+    def image_every(self) -> int:
+        """Draw the δ map every this many steps; ``0``: only on close. Settable: from the next logged step."""
+        return self._host.image_every
+
+    @image_every.setter
+    def image_every(self, value: int) -> None:
+        self._host.image_every = _check_count("image_every", value)
+
+    def _rearm(self) -> None:
+        """The schedule changed: arm the layers for the next forward pass as the end of a backward pass does."""
+        if self._attached and _torch_private.current_graph_task_id() == -1:
+            self._arm(self._schedule.arm_next() or self._flow.discovering)
 
     @property
     def step(self) -> int:
@@ -581,6 +615,14 @@ class DeltaMonitor:
 
         history = self.history()
         return _report.format_report({name: history}, {name: _report.analyze(history)})
+
+
+def _check_count(name: str, value: Any) -> int:
+    """``every``, ``histogram_every``, ``image_every`` or ``max_history``, checked (as given to the constructor)."""
+    low = 0 if name in ("histogram_every", "image_every") else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
+    return value
 
 
 def _unwrap(model: Any) -> nn.Module:
