@@ -253,3 +253,37 @@ def test_every_set_to_a_bad_value_raises_as_the_constructor_does(name, value):
     with pytest.raises(ValueError, match=f"{name} must be an int >= "):
         torchbp.DeltaMonitor(small_mlp(), **{name: value})
     monitor.close()
+
+
+# -- a layer replaced after attaching ------------------------------------------------------------------------
+
+
+def test_a_layer_replaced_after_attaching_is_named_in_one_warning():
+    model = small_mlp()
+    monitor = torchbp.DeltaMonitor(model)
+    train(model, 1)
+    assert list(monitor.latest()) == ["2", "0"]
+    with pytest.warns(UserWarning, match=r"layer '0' of the monitored model was replaced after the monitor attached"):
+        model[0] = torchbp.nn.Linear(4, 6).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (once)
+        model[0] = torchbp.nn.Linear(4, 6).double()
+        train(model, 1)
+    assert list(monitor.latest()) == ["2"]  # (what the warning said: the new layer is not monitored)
+    monitor.close()
+    with torchbp.DeltaMonitor(model) as fresh:  # the fix the warning gives
+        train(model, 1)
+        assert list(fresh.latest()) == ["2", "0"]
+
+
+def test_a_block_replaced_names_its_monitored_layers_and_nothing_warns_after_close():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(small_mlp(), torchbp.nn.Linear(2, 2)).double()
+    monitor = torchbp.DeltaMonitor(model)
+    with pytest.warns(UserWarning, match=r"layers '0.0', '0.2' of the monitored model were replaced"):
+        model[0] = small_mlp()
+    monitor.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model[1] = torchbp.nn.Linear(2, 2)  # (no monitor attached: no warning)
+        model.extra = torchbp.nn.Linear(2, 2)  # (a new layer replaces nothing)

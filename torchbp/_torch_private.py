@@ -28,6 +28,7 @@ __all__ = [
     "pop_saved_tensors_hooks",
     "graph_task_keeps_graph",
     "global_module_hooks_present",
+    "registered_submodule",
     "current_graph_task_id",
     "queue_end_of_backward_callback",
     "will_use_gradient",
@@ -132,6 +133,15 @@ def global_module_hooks_present() -> bool:
         or _module._global_backward_hooks
         or _module._global_backward_pre_hooks
     )
+
+
+def registered_submodule(parent: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """The submodule registered in ``parent`` under ``name`` (``parent._modules``), or ``None``; read in a module
+    registration hook, before the assignment, to see what it replaces. Not through ``getattr``: a wrapper's
+    ``__getattr__`` (torch.compile's ``OptimizedModule``) forwards to what it wraps and raises while being built.
+    Checked on torch 2.13.0; public: ``dict(parent.named_children()).get(name)`` (a walk per registration)."""
+    modules = parent.__dict__.get("_modules")
+    return None if modules is None else modules.get(name)
 
 
 # -- the backward pass (the DeltaMonitor) ------------------------------------------------------------------

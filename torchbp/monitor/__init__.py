@@ -108,6 +108,42 @@ def _dead_ref() -> None:
 _owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _Replacements:
+    """Watches, while some monitor is attached, for a monitored layer replaced in its model
+    (``model[0] = torchbp.nn.Linear(...)``, ``model.fc = ...``): a global module registration hook of torch
+    (public API), which runs when a submodule is assigned, not in training. The monitor then warns, once,
+    naming the layers it no longer sees."""
+
+    def __init__(self) -> None:
+        self.attached = 0
+        self.handle = None
+
+    def watch(self, on: bool) -> None:
+        self.attached += 1 if on else -1
+        if self.attached and self.handle is None:
+            self.handle = nn.modules.module.register_module_module_registration_hook(self._registered)
+        elif not self.attached and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    @staticmethod
+    def _registered(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+        old = _torch_private.registered_submodule(parent, name)  # (the hook runs before the assignment)
+        if old is None or old is module:
+            return
+        lost: dict[DeltaMonitor, list[str]] = {}
+        for layer in old.modules():
+            owner = _owners.get(layer)
+            if isinstance(owner, DeltaMonitor) and owner._attached:
+                lost.setdefault(owner, []).extend(n for n, m in owner.layers.items() if m is layer)
+        for owner, names in lost.items():
+            if names:
+                owner._replaced(sorted(names, key=owner._names.index)[::-1])
+
+
+_replacements = _Replacements()
+
+
 class DeltaMonitor:
     r"""Records δ^l = ∂C/∂z^l of every :class:`torchbp.nn.Linear` of a model, on the steps it logs.
 
@@ -393,6 +429,7 @@ class DeltaMonitor:
         if self._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
             self._handles.append(self.model.register_forward_pre_hook(_Hook(self._before_forward)))
         self._attached = True
+        _replacements.watch(True)
         self._start_discovery()
         self._arm(True)  # (the first forward pass: it reads the data flow)
         return self
@@ -411,6 +448,17 @@ class DeltaMonitor:
             handle.remove()
         self._handles = []
         self._attached = False
+        _replacements.watch(False)
+
+    def _replaced(self, names: list[str]) -> None:
+        """Monitored layers were replaced in the model: the monitor does not see their replacements."""
+        layers = ", ".join(repr(n) for n in names)
+        self._host.warn_once(
+            f"replaced {layers}",
+            f"layer{'s' if len(names) > 1 else ''} {layers} of the monitored model {'were' if len(names) > 1 else 'was'} "
+            "replaced after the monitor attached: no longer monitored (nor is what replaced it); close this "
+            "monitor and make a new one, DeltaMonitor(model, ...), after changing the model",
+        )
 
     def _arm(self, on: bool) -> None:
         """Hand the layers their slots (``on``) or none, for the coming forward and backward pass. Under
