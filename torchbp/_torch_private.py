@@ -31,6 +31,7 @@ __all__ = [
     "registered_submodule",
     "current_graph_task_id",
     "queue_end_of_backward_callback",
+    "enclosing_backward_node",
     "will_use_gradient",
     "force_compile_eager",
     "restore_compile_stance",
@@ -157,6 +158,15 @@ def queue_end_of_backward_callback(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the running backward pass ends (after every gradient is accumulated). Checked on
     torch 2.13.0; no public API (``torch.autograd.Variable._execution_engine.queue_callback``)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def enclosing_backward_node() -> Any:
+    """In an end-of-backward callback: the autograd node whose backward called the ending backward pass (the
+    ``CheckpointFunction`` of a reentrant ``torch.utils.checkpoint``, whose backward calls
+    ``torch.autograd.backward``), or ``None`` for a backward pass called from outside any backward (the node the
+    thread is evaluating: none once a top-level pass has run every node). torch says neither whether a graph
+    task is nested nor in which. Checked on torch 2.13.0; no public API."""
+    return torch._C._current_autograd_node()
 
 
 def will_use_gradient(node: Any) -> bool:

@@ -555,6 +555,18 @@ class DeltaMonitor:
         return self._task is not None and self._end() is not None
 
     def _end_of_backward(self) -> None:
+        node = _torch_private.enclosing_backward_node()
+        if node is not None:  # this backward pass ran inside another one's node: the step ends with that one
+            end = _EndOfBackward(self._end_of_backward)  # (queued on the enclosing pass once that node is done)
+            self._end = weakref.ref(end)  # (held by the node's hook, then by the enclosing pass)
+
+            def resume(grad_inputs, grad_outputs) -> None:
+                handle.remove()
+                self._task = _torch_private.current_graph_task_id()
+                _torch_private.queue_end_of_backward_callback(end)
+
+            handle = node.register_hook(resume)
+            return
         self._task = None
         self._end_discovery()  # (the data flow is read by now: forward passes and recomputed ones)
         plan, gen = self._schedule.plan, self._gen
