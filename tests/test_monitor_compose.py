@@ -291,7 +291,7 @@ def test_a_layer_replaced_after_attaching_is_named_in_one_warning():
     monitor = torchbp.DeltaMonitor(model)
     train(model, 1)
     assert list(monitor.latest()) == ["2", "0"]
-    with pytest.warns(UserWarning, match=r"layer '0' of the monitored model was replaced after the monitor attached"):
+    with pytest.warns(UserWarning, match=r"changed after the monitor attached \(replaced: '0'; added: '0'\)"):
         model[0] = torchbp.nn.Linear(4, 6).double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (once)
@@ -308,10 +308,24 @@ def test_a_block_replaced_names_its_monitored_layers_and_nothing_warns_after_clo
     torch.manual_seed(0)
     model = torch.nn.Sequential(small_mlp(), torchbp.nn.Linear(2, 2)).double()
     monitor = torchbp.DeltaMonitor(model)
-    with pytest.warns(UserWarning, match=r"layers '0.0', '0.2' of the monitored model were replaced"):
+    with pytest.warns(UserWarning, match=r"\(replaced: '0.0', '0.2'; added: '0.0', '0.2'\)"):
         model[0] = small_mlp()
     monitor.close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model[1] = torchbp.nn.Linear(2, 2)  # (no monitor attached: no warning)
-        model.extra = torchbp.nn.Linear(2, 2)  # (a new layer replaces nothing)
+
+
+def test_a_layer_added_after_attaching_is_named_in_one_warning():
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.body = small_mlp()
+    other = torch.nn.Sequential(torchbp.nn.Linear(3, 3))  # (another model: its changes are not this monitor's)
+    monitor = torchbp.DeltaMonitor(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.plain = torch.nn.Linear(2, 2)  # (a torch layer: no monitor would watch it)
+        other[0] = torchbp.nn.Linear(3, 3)
+    with pytest.warns(UserWarning, match=r"changed after the monitor attached \(added: 'head.1'\)"):
+        model.head = torch.nn.Sequential(torch.nn.ReLU(), torchbp.nn.Linear(2, 2))
+    monitor.close()

@@ -109,36 +109,48 @@ _owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Replacements:
-    """Watches, while some monitor is attached, for a monitored layer replaced in its model
-    (``model[0] = torchbp.nn.Linear(...)``, ``model.fc = ...``): a global module registration hook of torch
-    (public API), which runs when a submodule is assigned, not in training. The monitor then warns, once,
-    naming the layers it no longer sees."""
+    """Watches, while some monitor is attached, for its model changed under it: a monitored layer replaced
+    (``model[0] = torchbp.nn.Linear(...)``, a block reassigned) or a layer it would monitor added (a second
+    ``torchbp.convert``): a global module registration hook of torch (public API), which runs when a
+    submodule is assigned, not in training. The monitor then warns, once, naming the layers."""
 
     def __init__(self) -> None:
-        self.attached = 0
+        self.monitors: weakref.WeakSet = weakref.WeakSet()  # the attached monitors
         self.handle = None
 
-    def watch(self, on: bool) -> None:
-        self.attached += 1 if on else -1
-        if self.attached and self.handle is None:
+    def watch(self, monitor: DeltaMonitor, on: bool) -> None:
+        if on:
+            self.monitors.add(monitor)
+        else:
+            self.monitors.discard(monitor)
+        if self.monitors and self.handle is None:
             self.handle = nn.modules.module.register_module_module_registration_hook(self._registered)
-        elif not self.attached and self.handle is not None:
+        elif not self.monitors and self.handle is not None:
             self.handle.remove()
             self.handle = None
 
-    @staticmethod
-    def _registered(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+    def _registered(self, parent: nn.Module, name: str, module: nn.Module | None) -> None:
         old = _torch_private.registered_submodule(parent, name)  # (the hook runs before the assignment)
-        if old is None or old is module:
+        if old is module:
             return
-        lost: dict[DeltaMonitor, list[str]] = {}
-        for layer in old.modules():
-            owner = _owners.get(layer)
-            if isinstance(owner, DeltaMonitor) and owner._attached:
-                lost.setdefault(owner, []).extend(n for n, m in owner.layers.items() if m is layer)
-        for owner, names in lost.items():
-            if names:
-                owner._replaced(sorted(names, key=owner._names.index)[::-1])
+        for monitor in list(self.monitors):
+            prefix = monitor._tree.get(parent)
+            if prefix is None:
+                continue  # (not a module of this monitor's model)
+            kept = set() if module is None else set(module.modules())
+            gone = set() if old is None else set(old.modules()) - kept
+            replaced = [n for n, m in monitor.layers.items() if m in gone]
+            added = (
+                []
+                if module is None
+                else [
+                    ".".join(filter(None, (prefix, name, sub)))
+                    for sub, m in module.named_modules()
+                    if is_monitored_layer(m) and m not in _owners
+                ]
+            )
+            if replaced or added:
+                monitor._changed(replaced[::-1], added)
 
 
 _replacements = _Replacements()
@@ -429,7 +441,8 @@ class DeltaMonitor:
         if self._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
             self._handles.append(self.model.register_forward_pre_hook(_Hook(self._before_forward)))
         self._attached = True
-        _replacements.watch(True)
+        self._tree = weakref.WeakKeyDictionary({m: n for n, m in self.model.named_modules()})  # (the model's modules)
+        _replacements.watch(self, True)
         self._start_discovery()
         self._arm(True)  # (the first forward pass: it reads the data flow)
         return self
@@ -448,16 +461,19 @@ class DeltaMonitor:
             handle.remove()
         self._handles = []
         self._attached = False
-        _replacements.watch(False)
+        _replacements.watch(self, False)
 
-    def _replaced(self, names: list[str]) -> None:
-        """Monitored layers were replaced in the model: the monitor does not see their replacements."""
-        layers = ", ".join(repr(n) for n in names)
+    def _changed(self, replaced: list[str], added: list[str]) -> None:
+        """The model changed under the monitor: it keeps the layers it attached to and sees no new one."""
+        parts = [
+            f"replaced: {', '.join(map(repr, replaced))}" if replaced else "",
+            f"added: {', '.join(map(repr, added))}" if added else "",
+        ]
         self._host.warn_once(
-            f"replaced {layers}",
-            f"layer{'s' if len(names) > 1 else ''} {layers} of the monitored model {'were' if len(names) > 1 else 'was'} "
-            "replaced after the monitor attached: no longer monitored (nor is what replaced it); close this "
-            "monitor and make a new one, DeltaMonitor(model, ...), after changing the model",
+            "changed",  # (once: the fix is the same for every later change)
+            f"layers of the monitored model changed after the monitor attached ({'; '.join(filter(None, parts))}): "
+            "the replaced and the new layers are not monitored; close this monitor and make a new one, "
+            "DeltaMonitor(model, ...), after changing the model",
         )
 
     def _arm(self, on: bool) -> None:
