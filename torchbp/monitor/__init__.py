@@ -194,7 +194,10 @@ class DeltaMonitor:
     charts share their x-axis with your loss. :attr:`step` is the last backward pass's number. Step ``s`` is
     logged when ``s % every == 0``. **Gradient accumulation** (several backward passes with the same step):
     the first backward pass of a logged step is recorded and logged; the others of that step record
-    nothing.
+    nothing. A backward pass run inside another one (a reentrant ``torch.utils.checkpoint``'s) belongs to
+    the step of the one enclosing it. :attr:`every`, :attr:`histogram_every` and :attr:`image_every` can
+    be set after construction (from the next forward pass). A layer replaced or added after attaching is
+    not monitored, with one warning naming it: make a new monitor after changing the model.
 
     **Free when not logging.** Only a backward pass that is logged (or writes histograms) computes
     statistics: for the others the layers get no slot, and their forward and backward are exactly those of
