@@ -30,8 +30,11 @@ __all__ = [
     "pop_saved_tensors_hooks",
     "graph_task_keeps_graph",
     "global_module_hooks_present",
+    "registered_submodule",
     "current_graph_task_id",
     "queue_end_of_backward_callback",
+    "enclosing_backward_node",
+    "will_use_gradient",
     "force_compile_eager",
     "restore_compile_stance",
 ]
@@ -141,6 +144,15 @@ def global_module_hooks_present() -> bool:
     )
 
 
+def registered_submodule(parent: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """The submodule registered in ``parent`` under ``name`` (``parent._modules``), or ``None``; read in a module
+    registration hook, before the assignment, to see what it replaces. Not through ``getattr``: a wrapper's
+    ``__getattr__`` (torch.compile's ``OptimizedModule``) forwards to what it wraps and raises while being built.
+    Checked on torch 2.13.0; public: ``dict(parent.named_children()).get(name)`` (a walk per registration)."""
+    modules = parent.__dict__.get("_modules")
+    return None if modules is None else modules.get(name)
+
+
 # -- the backward pass (the DeltaMonitor) ------------------------------------------------------------------
 
 
@@ -154,6 +166,29 @@ def queue_end_of_backward_callback(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the running backward pass ends (after every gradient is accumulated). Checked on
     torch 2.13.0; no public API (``torch.autograd.Variable._execution_engine.queue_callback``)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def enclosing_backward_node() -> Any:
+    """In an end-of-backward callback: the autograd node whose backward called the ending backward pass (the
+    ``CheckpointFunction`` of a reentrant ``torch.utils.checkpoint``, whose backward calls
+    ``torch.autograd.backward``), or ``None`` for a backward pass called from outside any backward (the node the
+    thread is evaluating: none once a top-level pass has run every node). torch says neither whether a graph
+    task is nested nor in which. Checked on torch 2.13.0; no public API."""
+    return torch._C._current_autograd_node()
+
+
+def will_use_gradient(node: Any) -> bool:
+    """Whether the running backward pass uses the gradient that flows into autograd node ``node`` (an entry of a
+    Function's ``ctx.next_functions``): ``False`` for a node that ``torch.autograd.grad(outputs, inputs)`` or
+    ``backward(inputs=...)`` needs nothing from. The backprop loop skips the layers below the lowest one asked
+    for, as the per-op Functions' nodes are then not run. torch refuses the question for a leaf's
+    AccumulateGrad that ``autograd.grad`` captures (a leaf asked for): its gradient is used. Checked on torch
+    2.13.0; no public API (``torch.autograd.graph.register_multi_grad_hook`` and ``torch.utils.checkpoint`` use
+    ``torch._C._will_engine_execute_node`` the same way)."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # (a leaf captured by autograd.grad: one of the inputs asked for)
+        return True
 
 
 # -- torch.compile's stance --------------------------------------------------------------------------------

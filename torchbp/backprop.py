@@ -149,6 +149,30 @@ class _LoopTensors:
             self.ins[i] = self.acts[i] = None
 
 
+def _lowest_layer(ctx, plan: _LoopPlan) -> tuple[int, bool]:
+    """The lowest layer the running backward pass needs (the loop stops there), and whether a gradient is used
+    below it (its BP2). ``torch.autograd.grad`` with respect to some of the parameters runs only the per-op
+    nodes above the lowest one asked for; the loop does the same (the same gradients, the same monitor
+    records). Asked bottom-up, once per backward call: a plain ``backward()`` asks one node."""
+    if torch.compiler.is_compiling() or _torch_private.functorch_transforms_active():
+        return 0, True  # (the compiled backward is traced once for every call: every layer)
+    edges = ctx.next_functions  # one per tensor input: the input, then each parameter that is not None
+    if _uses(edges[0][0]):
+        return 0, True
+    e, present = 1, ctx.present
+    for i in plan.linears:
+        p = plan.param[i]
+        for k in range(present[p] + present[p + 1]):
+            if _uses(edges[e + k][0]):
+                return i, False
+        e += present[p] + present[p + 1]
+    return 0, True  # (nothing of the run is asked for: as ctx.needs_input_grad says)
+
+
+def _uses(node) -> bool:
+    return node is not None and _torch_private.will_use_gradient(node)
+
+
 class ChainFunction(HandWrittenFunction):
     r"""A run of layers, z^l = w^l a^{l-1} + b^l and a^l = σ(z^l), as one Function; backward is the backprop loop.
 
@@ -210,7 +234,8 @@ class ChainFunction(HandWrittenFunction):
         layers, plan, needs = ctx.layers, ctx.plan, ctx.needs_input_grad
         saved = _LoopTensors(ctx)
         grads: list[Tensor | None] = [None] * plan.n_params
-        for i in reversed(range(plan.n)):  # l = L, …, 1
+        lowest, below = _lowest_layer(ctx, plan)  # (below the lowest layer asked for, no gradient is used)
+        for i in reversed(range(lowest, plan.n)):  # l = L, …, 1
             if plan.saves[i] and grad_kept[plan.kept_at[i]] is not None:  # (only a double backward sends these)
                 delta = grad_kept[plan.kept_at[i]] if delta is None else delta + grad_kept[plan.kept_at[i]]
             kind, slot = layers[i]
@@ -226,6 +251,7 @@ class ChainFunction(HandWrittenFunction):
             else:  # delta is δ^l = ∂C/∂z^l
                 p = plan.param[i]
                 flows = needs[0] or any(needs[2 : 2 + p])  # does any tensor before layer l need a gradient?
+                flows = flows and (below or i > lowest)  # (and does the backward pass use it?)
                 grad_input, grads[p], grads[p + 1] = linear_backward(
                     delta, saved.ins[i], saved.weights[i], flows, needs[2 + p], needs[3 + p]
                 )  # BP4 ∂C/∂w^l = δ^l (a^{l-1})^T, BP3 ∂C/∂b^l = δ^l, and BP2's (w^l)^T δ^l

@@ -87,8 +87,73 @@ def _nothing(*args) -> None:
     return None
 
 
+class _EndOfBackward:
+    """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
+    to it tells whether that pass is still running (torch drops it when the pass ends or fails)."""
+
+    __slots__ = ("fn", "__weakref__")
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        self.fn()
+
+
+def _dead_ref() -> None:
+    return None
+
+
 # Which monitor owns each monitored module (a copy of a module is not in it).
 _owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Replacements:
+    """Watches, while some monitor is attached, for its model changed under it: a monitored layer replaced
+    (``model[0] = torchbp.nn.Linear(...)``, a block reassigned) or a layer it would monitor added (a second
+    ``torchbp.convert``): a global module registration hook of torch (public API), which runs when a
+    submodule is assigned, not in training. The monitor then warns, once, naming the layers."""
+
+    def __init__(self) -> None:
+        self.monitors: weakref.WeakSet = weakref.WeakSet()  # the attached monitors
+        self.handle = None
+
+    def watch(self, monitor: DeltaMonitor, on: bool) -> None:
+        if on:
+            self.monitors.add(monitor)
+        else:
+            self.monitors.discard(monitor)
+        if self.monitors and self.handle is None:
+            self.handle = nn.modules.module.register_module_module_registration_hook(self._registered)
+        elif not self.monitors and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _registered(self, parent: nn.Module, name: str, module: nn.Module | None) -> None:
+        old = _torch_private.registered_submodule(parent, name)  # (the hook runs before the assignment)
+        if old is module:
+            return
+        for monitor in list(self.monitors):
+            prefix = monitor._tree.get(parent)
+            if prefix is None:
+                continue  # (not a module of this monitor's model)
+            kept = set() if module is None else set(module.modules())
+            gone = set() if old is None else set(old.modules()) - kept
+            replaced = [n for n, m in monitor.layers.items() if m in gone]
+            added = (
+                []
+                if module is None
+                else [
+                    ".".join(filter(None, (prefix, name, sub)))
+                    for sub, m in module.named_modules()
+                    if is_monitored_layer(m) and m not in _owners
+                ]
+            )
+            if replaced or added:
+                monitor._changed(replaced[::-1], added)
+
+
+_replacements = _Replacements()
 
 
 class DeltaMonitor:
@@ -129,7 +194,10 @@ class DeltaMonitor:
     charts share their x-axis with your loss. :attr:`step` is the last backward pass's number. Step ``s`` is
     logged when ``s % every == 0``. **Gradient accumulation** (several backward passes with the same step):
     the first backward pass of a logged step is recorded and logged; the others of that step record
-    nothing.
+    nothing. A backward pass run inside another one (a reentrant ``torch.utils.checkpoint``'s) belongs to
+    the step of the one enclosing it. :attr:`every`, :attr:`histogram_every` and :attr:`image_every` can
+    be set after construction (from the next forward pass). A layer replaced or added after attaching is
+    not monitored, with one warning naming it: make a new monitor after changing the model.
 
     **Free when not logging.** Only a backward pass that is logged (or writes histograms) computes
     statistics: for the others the layers get no slot, and their forward and backward are exactly those of
@@ -144,9 +212,9 @@ class DeltaMonitor:
     compiled graphs (with and without the records), each compiled once and cached: no recompilation
     after the first of each. Attaching a monitor to a compiled model, or closing it, changes what the
     layers' forward reads, so the next call recompiles once. The data flow between layers (for
-    ``delta_gain`` and ``dead_fraction``) is read from the autograd graph of one eager forward pass: from
-    attaching until the first forward pass with gradients, ``torch.compile`` runs eagerly (its stance is
-    ``"force_eager"``), then compiles as usual. δ histograms are recorded in eager backward passes only.
+    ``delta_gain`` and ``dead_fraction``) is read from the autograd graph of the eager forward passes before
+    the first backward pass ends (forward passes recomputed by activation checkpointing included): until
+    then, ``torch.compile`` runs eagerly (its stance is ``"force_eager"``), then compiles as usual. δ histograms are recorded in eager backward passes only.
     With a step callable, see :mod:`torchbp.monitor.schedule` for when a compiled model is armed.
 
     **Logging.** With ``log`` set, the statistics of every logged step are copied to the host
@@ -232,11 +300,8 @@ class DeltaMonitor:
             ("image_every", image_every),
             ("max_history", max_history),
         ):
-            low = 0 if name in ("histogram_every", "image_every") else 1
-            if (value is not None or name == "every") and (
-                not isinstance(value, int) or isinstance(value, bool) or value < low
-            ):
-                raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
+            if value is not None or name == "every":
+                _check_count(name, value)
         if scaler is not None and not hasattr(scaler, "get_scale"):
             raise TypeError(f"DeltaMonitor: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if step is not None and not callable(step):
@@ -256,9 +321,8 @@ class DeltaMonitor:
         self.model = model
         self.layers = dict(reversed(layers.items()))  # backward order for a sequential model
         self._names = list(self.layers)
-        self.every = every
-        self.histogram_every = 10 * every if histogram_every is None else histogram_every
-        self.image_every = 100 * every if image_every is None else image_every
+        self._histogram_every = 10 * every if histogram_every is None else histogram_every
+        image_every = 100 * every if image_every is None else image_every
         self.per_sample_norms = bool(per_sample_norms)
         self.scaler = scaler
         self.global_stats = bool(global_stats)
@@ -268,7 +332,7 @@ class DeltaMonitor:
             raise ValueError(f"DeltaMonitor: on_error must be one of {_events.ON_ERROR}, got {on_error!r}")
         self.on_error = on_error
         self._open(log, log_rank)  # (the writer first: the histograms' schedule depends on it)
-        self._schedule = Schedule(every, self.histogram_every if self._sink is not None else 0, step)
+        self._schedule = Schedule(every, self._histogram_every if self._sink is not None else 0, step)
         widths = [_out_features(layer) for layer in self.layers.values()]
         weights = [layer.weight for layer in self.layers.values()]
         dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
@@ -283,7 +347,7 @@ class DeltaMonitor:
             self._names,
             self._sink,
             self.writer,
-            self.image_every,
+            image_every,
             warn_nonfinite=scaler is None,
             on_error=on_error,
         )
@@ -291,7 +355,8 @@ class DeltaMonitor:
         self._relus: dict[ReLU, ReLUSlot] = {}
         self._gen = 0  # the generation number the next recorded step's records carry (also in the buffer)
         self._latest: tuple[Tensor, int] | None = None  # the last logged step's records and generation
-        self._task = None
+        self._task = None  # the backward pass whose step is running (its id), and its end-of-backward callback
+        self._end: weakref.ref = _dead_ref
         self._eager_step = False
         self._attached = self._armed = self._dirty = False
         self._stance_forced = False
@@ -310,6 +375,44 @@ class DeltaMonitor:
                 log = os.path.join(os.fspath(log), f"rank{self.rank}")
             self.writer, self._owns_writer = writer.open_writer(log, self.on_error)
             self._sink = writer._Sink(self.writer, self.on_error)
+
+    # -- the schedule, settable ---------------------------------------------------------------------
+
+    @property
+    def every(self) -> int:
+        """Log (and record) every this many steps. Settable (an int >= 1): it takes effect from the next forward
+        pass (a backward pass whose forward pass has run keeps its plan)."""
+        return self._schedule.every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        self._schedule.every = _check_count("every", value)
+        self._rearm()
+
+    @property
+    def histogram_every(self) -> int:
+        """Write δ histograms every this many steps (with a log); ``0``: never. Settable, as :attr:`every`."""
+        return self._histogram_every
+
+    @histogram_every.setter
+    def histogram_every(self, value: int) -> None:
+        self._histogram_every = _check_count("histogram_every", value)
+        self._schedule.histogram_every = value if self._sink is not None else 0
+        self._rearm()
+
+    @property
+    def image_every(self) -> int:
+        """Draw the δ map every this many steps; ``0``: only on close. Settable: from the next logged step."""
+        return self._host.image_every
+
+    @image_every.setter
+    def image_every(self, value: int) -> None:
+        self._host.image_every = _check_count("image_every", value)
+
+    def _rearm(self) -> None:
+        """The schedule changed: arm the layers for the next forward pass as the end of a backward pass does."""
+        if self._attached and _torch_private.current_graph_task_id() == -1:
+            self._arm(self._schedule.arm_next() or self._flow.discovering)
 
     @property
     def step(self) -> int:
@@ -341,6 +444,8 @@ class DeltaMonitor:
         if self._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
             self._handles.append(self.model.register_forward_pre_hook(_Hook(self._before_forward)))
         self._attached = True
+        self._tree = weakref.WeakKeyDictionary({m: n for n, m in self.model.named_modules()})  # (the model's modules)
+        _replacements.watch(self, True)
         self._start_discovery()
         self._arm(True)  # (the first forward pass: it reads the data flow)
         return self
@@ -359,6 +464,20 @@ class DeltaMonitor:
             handle.remove()
         self._handles = []
         self._attached = False
+        _replacements.watch(self, False)
+
+    def _changed(self, replaced: list[str], added: list[str]) -> None:
+        """The model changed under the monitor: it keeps the layers it attached to and sees no new one."""
+        parts = [
+            f"replaced: {', '.join(map(repr, replaced))}" if replaced else "",
+            f"added: {', '.join(map(repr, added))}" if added else "",
+        ]
+        self._host.warn_once(
+            "changed",  # (once: the fix is the same for every later change)
+            f"layers of the monitored model changed after the monitor attached ({'; '.join(filter(None, parts))}): "
+            "the replaced and the new layers are not monitored; close this monitor and make a new one, "
+            "DeltaMonitor(model, ...), after changing the model",
+        )
 
     def _arm(self, on: bool) -> None:
         """Hand the layers their slots (``on``) or none, for the coming forward and backward pass. Under
@@ -376,6 +495,8 @@ class DeltaMonitor:
     def _before_forward(self, module, args) -> None:
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return  # (traced by Dynamo as nothing: a compiled model is armed at the end of backward)
+        if _torch_private.current_graph_task_id() != -1:
+            return  # a forward recomputed in a backward (torch.utils.checkpoint): its step is running
         self._arm(self._schedule.arm_now() or self._flow.discovering)
 
     def flush(self) -> None:
@@ -409,17 +530,12 @@ class DeltaMonitor:
         self._flow.reset()
         self._stance_forced = True
         dataflow.force_eager(True)
-        self._discovery_hook = self.model.register_forward_hook(_Hook(self._forward_done))
 
-    def _forward_done(self, module, args, output) -> None:
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._end_discovery(restore_stance=False)  # (not inside a compiled call's frame)
-
-    def _end_discovery(self, restore_stance: bool = True) -> None:
-        if self._flow.discovering:
-            self._flow.discovering = False
-            self._discovery_hook.remove()
-        if restore_stance and self._stance_forced:
+    def _end_discovery(self) -> None:
+        # At the end of the first backward pass, not of the first forward: a block under a reentrant
+        # torch.utils.checkpoint runs its forward without gradients, and again, with them, in the backward.
+        self._flow.discovering = False
+        if self._stance_forced:
             self._stance_forced = False
             dataflow.force_eager(False)
 
@@ -434,7 +550,7 @@ class DeltaMonitor:
         """A monitored layer's backward (``delta``, or ``None`` from a ReLU's) or a monitored parameter's
         gradient (``None``) ran: the plan of this backward pass."""
         task = _torch_private.current_graph_task_id()
-        if task != self._task:  # the first of a new backward pass
+        if task != self._task and not self._nested(task):  # the first of a new backward pass
             self._task = task
             plan = self._schedule.begin()
             if plan.record:
@@ -442,15 +558,36 @@ class DeltaMonitor:
                 if self.per_sample_norms:
                     self._records.per_sample = {}
             self._eager_step = False
-            _torch_private.queue_end_of_backward_callback(self._end_of_backward)
+            end = _EndOfBackward(self._end_of_backward)
+            self._end = weakref.ref(end)  # (held by the backward pass until it ends or fails)
+            _torch_private.queue_end_of_backward_callback(end)
         if delta is not None:
             self._eager_step = True
             self._records.follow(delta)
         return self._schedule.plan
 
+    def _nested(self, task: int) -> bool:
+        """Whether backward pass ``task`` runs inside the one this monitor's step is in (``self._task``): a
+        backward called from a backward, as a reentrant ``torch.utils.checkpoint`` does for its block. Its
+        layers belong to the running step. The running one is still alive while its end-of-backward callback
+        is (torch frees it with the pass, also when the pass raised: then ``task`` begins a new step)."""
+        return self._task is not None and self._end() is not None
+
     def _end_of_backward(self) -> None:
+        node = _torch_private.enclosing_backward_node()
+        if node is not None:  # this backward pass ran inside another one's node: the step ends with that one
+            end = _EndOfBackward(self._end_of_backward)  # (queued on the enclosing pass once that node is done)
+            self._end = weakref.ref(end)  # (held by the node's hook, then by the enclosing pass)
+
+            def resume(grad_inputs, grad_outputs) -> None:
+                handle.remove()
+                self._task = _torch_private.current_graph_task_id()
+                _torch_private.queue_end_of_backward_callback(end)
+
+            handle = node.register_hook(resume)
+            return
         self._task = None
-        self._end_discovery()  # (a model whose root forward never ran: the data flow is read by now)
+        self._end_discovery()  # (the data flow is read by now: forward passes and recomputed ones)
         plan, gen = self._schedule.plan, self._gen
         self._records.flush()  # (the eager records of this backward pass, all layers at once)
         if plan.record and self._dirty:  # (recorded: its layers had their slots)
@@ -557,6 +694,14 @@ class DeltaMonitor:
 
         history = self.history()
         return _report.format_report({name: history}, {name: _report.analyze(history)})
+
+
+def _check_count(name: str, value: Any) -> int:
+    """``every``, ``histogram_every``, ``image_every`` or ``max_history``, checked (as given to the constructor)."""
+    low = 0 if name in ("histogram_every", "image_every") else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
+    return value
 
 
 def _unwrap(model: Any) -> nn.Module:

@@ -21,7 +21,9 @@ remaining micro-batches of the step before a logged one are then recorded too, a
 
 A backward pass is seen by a hook on each monitored parameter (and, when it records, by the layers'
 backward): one that computes no monitored parameter's gradient (``torch.autograd.grad`` with respect to
-inputs only) is counted only when it records.
+inputs only) is counted only when it records. A backward pass run inside another one (the block of a
+reentrant ``torch.utils.checkpoint``) is part of the enclosing one's step. ``every`` and
+``histogram_every`` may change between backward passes (``DeltaMonitor.every = 5``).
 """
 
 from __future__ import annotations
