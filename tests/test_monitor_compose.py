@@ -241,7 +241,7 @@ def train(model, steps, monitor=None, change=None):
 
 
 def test_every_set_after_construction_takes_effect_from_the_next_step(tmp_path):
-    from test_monitor import read_events
+    from helpers import read_events
 
     model = small_mlp()
     with torchbp.DeltaMonitor(model, log=tmp_path, every=10, histogram_every=0) as monitor:

@@ -139,7 +139,7 @@ def test_compiled_transformer_statistics_equal_eager_and_torch():
     """The converted transformer under torch.compile(fullgraph=True): every statistic, gains included,
     equals torch's (float64, rel 1e-12) on every step."""
     import torch._dynamo
-    from test_monitor import assert_stats_match
+    from helpers import assert_stats_match
 
     torch._dynamo.reset()
     torch.manual_seed(0)
