@@ -1,7 +1,7 @@
 """Child process for tests/test_events.py (run with sys.executable; not a test module).
 
 python tests/_events_child.py kill LOGDIR
-    Busy with torch matmuls, logs one scalar per step through torchbp._events.summary_writer and prints
+    Busy with torch matmuls, logs one scalar per step through torchbp.monitor.events.summary_writer and prints
     {"step": i, "t": time.monotonic()} (flushed) right after each add_scalar returns, until the parent
     SIGKILLs it; it exits by itself after 60 s.
 python tests/_events_child.py atexit LOGDIR N
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from torchbp._events import summary_writer
+from torchbp.monitor.events import summary_writer
 
 MAX_SECONDS = 60.0
 

@@ -1,4 +1,4 @@
-"""torchbp._events, the threaded TensorBoard event writer, against TensorBoard itself.
+"""torchbp.monitor.events, the threaded TensorBoard event writer, against TensorBoard itself.
 
 Every file is read back with TensorBoard's ``EventAccumulator`` and every checksum compared with
 TensorBoard's ``masked_crc32c``. The flush policy is checked in a child process killed with SIGKILL
@@ -27,8 +27,15 @@ import numpy as np
 import pytest
 import torch
 
-from torchbp import _events
-from torchbp._events import EventFile, ensure_writable, histogram_value, image_value, scalar_summary, summary_writer
+from torchbp.monitor import events as _events
+from torchbp.monitor.events import (
+    EventFile,
+    ensure_writable,
+    histogram_value,
+    image_value,
+    scalar_summary,
+    summary_writer,
+)
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import torchbp
-from torchbp import _events
+from torchbp.monitor import events as _events
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import _events
+from . import events as _events
 
 
 def open_writer(log, on_error: str = "warn"):
@@ -38,7 +38,7 @@ def _wandb_syncs_tensorboard() -> bool:
     """``wandb.init(sync_tensorboard=True)`` (or ``wandb.tensorboard.patch()``) is in effect: wandb then replaces
     torch's ``EventFileWriter`` by a subclass that registers each new log directory with the W&B run, and syncs
     only those directories. A monitor logging to a directory then writes through torch's ``SummaryWriter`` (the
-    writer that patch sees) instead of :func:`torchbp._events.summary_writer`. wandb is not imported here."""
+    writer that patch sees) instead of :func:`torchbp.monitor.events.summary_writer`. wandb is not imported here."""
     wandb = sys.modules.get("wandb")
     return bool(getattr(wandb, "patched", {}).get("tensorboard")) if wandb is not None else False
 

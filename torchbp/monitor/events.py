@@ -654,7 +654,7 @@ def _summary_writer_class() -> type:
                 self.event_writer = EventFile(log_dir, filename_suffix, on_error=on_error)  # (no tensorboard thread)
 
         class SummaryWriter(TorchSummaryWriter):
-            """torch's SummaryWriter, writing through a :class:`torchbp._events.EventFile`."""
+            """torch's SummaryWriter, writing through a :class:`torchbp.monitor.events.EventFile`."""
 
             def __init__(self, *args, on_error: str = "raise", **kwargs) -> None:
                 self.on_error = on_error  # (before torch's __init__ opens the first file writer)
