@@ -7,6 +7,7 @@ with torch ops), never against torchbp itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -140,3 +141,16 @@ class OpRecorder(TorchDispatchMode):
     @property
     def gemms(self) -> list[str]:
         return [op for op in self.ops if op in GEMM_OPS]
+
+
+def tfrecord_payloads(path) -> list[bytes]:
+    """The payloads (serialized ``Event``\\ s) of a TensorBoard event file, in order: each TFRecord is the length
+    (8 bytes, little-endian), its masked CRC (4), the payload, the payload's masked CRC (4)."""
+    import struct
+
+    data, pos, payloads = Path(path).read_bytes(), 0, []
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        payloads.append(data[pos + 12 : pos + 12 + length])
+        pos += 16 + length
+    return payloads
