@@ -49,29 +49,23 @@ import time
 import warnings
 
 import torch
-from torch import nn
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))  # (this checkout's torchbp, not an installed one)
-from bench_step import (  # noqa: E402
-    ACTIVATIONS,
+from harness import (
     LENGTH,
-    VOCAB,
+    MLP,
+    MLP_BATCH,
+    TOKENS_BATCH,
     Timer,
     Trainer,
-    build_mlp,
+    build,
     cpu_model,
     log,
     quantile,
     select_devices,
-    transformer_lm,
 )
+from torch import nn
 
-import torchbp  # noqa: E402
+import torchbp
 
-MLP, MLP_BATCH = [784, 512, 512, 10], 256
-TOKENS_BATCH = 16
 MODELS = ("mlp-sigmoid", "mlp-relu", "transformer")
 # variant: (reference variant, most ratio to it); MLP rows only where marked
 TARGETS = {
@@ -113,29 +107,6 @@ class HandRolledHooks:
         self.last = (self.current, torch._foreach_norm(grads))
         self.records += len(self.current)
         self.current = []
-
-
-def build(name: str, device: torch.device):
-    """(torch.nn model, its torchbp twin, batches) with the same weights and data for every variant."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    if name == "transformer":
-        model = transformer_lm()
-        batches = []
-        for _ in range(8):
-            tokens = torch.randint(0, VOCAB, (TOKENS_BATCH, LENGTH + 1), generator=g)
-            batches.append((tokens[:, :-1].to(device), tokens[:, 1:].reshape(-1).to(device)))
-    else:
-        model = build_mlp(MLP, ACTIVATIONS[name.split("-")[1]])
-        batches = [
-            (
-                torch.randn(MLP_BATCH, MLP[0], generator=g).to(device),
-                torch.randint(0, MLP[-1], (MLP_BATCH,), generator=g).to(device),
-            )
-            for _ in range(8)
-        ]
-    model = model.to(device)
-    return model, torchbp.convert(copy.deepcopy(model)), batches
 
 
 class Variant:
