@@ -35,7 +35,15 @@ def kill(logdir: str) -> None:
 
 def at_exit(logdir: str, n: int) -> None:
     writer = summary_writer(logdir)
-    writer._get_file_writer().event_writer.submit(lambda: time.sleep(0.3))  # holds the queue at exit
+    event_writer = writer._get_file_writer().event_writer._writer
+    real = event_writer._write
+
+    def slow_write(data):  # the thread is in its first write at exit, the events queued behind it
+        event_writer._write = real
+        time.sleep(0.3)
+        real(data)
+
+    event_writer._write = slow_write
     for step in range(n):
         writer.add_scalar("step", float(step), step)
     print("queued", flush=True)
