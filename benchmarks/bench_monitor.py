@@ -19,6 +19,13 @@ Variants of each model (deep copies: the same initial weights), timed interleave
                       δ histograms every 100th
     log every step    DeltaMonitor(model, log=<tmp>, every=1): recorded and written every step, histograms
                       every 10th
+    log every step, re-encoded   the same with each event parsed back (``Event.FromString``) and handed to
+                      torch's ``FileWriter.add_event``, which encodes it again: how every logged step was written
+                      before the monitor handed its serialized events on as they are (the logged step before)
+    log every step, SummaryWriter   log=torch.utils.tensorboard.SummaryWriter(<tmp>), a writer of the user's:
+                      the monitor's bytes appended by that writer's own thread, framed with TensorBoard's
+                      pure-Python CRC (the monitor's own event files: google-crc32c; the header says which)
+    log every step, SummaryWriter re-encoded   the same, each event parsed back and encoded again (before)
     +per-sample       the same with per_sample_norms=True and per_sample_grad_norms() read every step
     compiled off      torch.compile(model, fullgraph=True), no monitor (the baseline of the compiled rows)
     compiled, log every 10 / every step   torch.compile(model, fullgraph=True) with the DeltaMonitor
@@ -49,29 +56,24 @@ import time
 import warnings
 
 import torch
-from torch import nn
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))  # (this checkout's torchbp, not an installed one)
-from bench_step import (  # noqa: E402
-    ACTIVATIONS,
+from harness import (
     LENGTH,
-    VOCAB,
+    MLP,
+    MLP_BATCH,
+    TOKENS_BATCH,
     Timer,
     Trainer,
-    build_mlp,
+    build,
     cpu_model,
     log,
     quantile,
     select_devices,
-    transformer_lm,
 )
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
-import torchbp  # noqa: E402
+import torchbp
 
-MLP, MLP_BATCH = [784, 512, 512, 10], 256
-TOKENS_BATCH = 16
 MODELS = ("mlp-sigmoid", "mlp-relu", "transformer")
 # variant: (reference variant, most ratio to it); MLP rows only where marked
 TARGETS = {
@@ -83,7 +85,37 @@ TARGETS = {
 }
 MLP_ONLY = {"log every step", "+per-sample"}
 # the reference of a variant without a target
-BASELINE = {"torch + hooks": "torch", "off": "torch", "unlogged steps": "off", "compiled off": "torch"}
+BASELINE = {
+    "torch + hooks": "torch",
+    "off": "torch",
+    "unlogged steps": "off",
+    "compiled off": "torch",
+    "log every step, re-encoded": "log every step",
+    "log every step, SummaryWriter": "log every step",
+    "log every step, SummaryWriter re-encoded": "log every step, SummaryWriter",
+}
+
+
+def re_encoded(monitor):
+    """``monitor`` writing as it did before its events were handed on serialized: each parsed back into an
+    ``Event`` for the file writer's ``add_event``, which encodes it again (the logged step's former cost)."""
+    sink = monitor._sink
+    sink._file_writer = sink.writer._get_file_writer()
+    sink._add = sink._parse_and_add
+    return monitor
+
+
+def crc_used() -> str:
+    """Which CRC-32C frames the events: the monitor's own event files, and a SummaryWriter of the user's."""
+    from importlib.metadata import version
+
+    import google_crc32c
+
+    kind = "C extension" if google_crc32c.implementation == "c" else "pure Python fallback"
+    return (
+        f"CRC: own event files google-crc32c {version('google-crc32c')} ({kind}); "
+        f"a SummaryWriter of the user's tensorboard {version('tensorboard')}'s pure-Python masked_crc32c"
+    )
 
 
 class HandRolledHooks:
@@ -115,33 +147,12 @@ class HandRolledHooks:
         self.current = []
 
 
-def build(name: str, device: torch.device):
-    """(torch.nn model, its torchbp twin, batches) with the same weights and data for every variant."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    if name == "transformer":
-        model = transformer_lm()
-        batches = []
-        for _ in range(8):
-            tokens = torch.randint(0, VOCAB, (TOKENS_BATCH, LENGTH + 1), generator=g)
-            batches.append((tokens[:, :-1].to(device), tokens[:, 1:].reshape(-1).to(device)))
-    else:
-        model = build_mlp(MLP, ACTIVATIONS[name.split("-")[1]])
-        batches = [
-            (
-                torch.randn(MLP_BATCH, MLP[0], generator=g).to(device),
-                torch.randint(0, MLP[-1], (MLP_BATCH,), generator=g).to(device),
-            )
-            for _ in range(8)
-        ]
-    model = model.to(device)
-    return model, torchbp.convert(copy.deepcopy(model)), batches
-
-
 class Variant:
-    def __init__(self, name: str, trainer: Trainer, monitor=None, read_per_sample: bool = False, hooks=None) -> None:
+    def __init__(
+        self, name: str, trainer: Trainer, monitor=None, read_per_sample: bool = False, hooks=None, writer=None
+    ) -> None:
         self.name, self.trainer, self.monitor, self.read_per_sample = name, trainer, monitor, read_per_sample
-        self.hooks = hooks
+        self.hooks, self.writer = hooks, writer  # (writer: a SummaryWriter passed to the monitor, closed after it)
         self.times: list[float] = []
         self.ratios: list[float] = []
 
@@ -177,6 +188,16 @@ def variants(name: str, device: torch.device, logdir: str, compile_too: bool) ->
     out.append(Variant("log every 10", t, torchbp.DeltaMonitor(m, log=path("every10"))))
     t, m = trainer()
     out.append(Variant("log every step", t, torchbp.DeltaMonitor(m, log=path("every1"), every=1)))
+    t, m = trainer()
+    monitor = re_encoded(torchbp.DeltaMonitor(m, log=path("every1-re-encoded"), every=1))
+    out.append(Variant("log every step, re-encoded", t, monitor))
+    t, m = trainer()
+    writer = SummaryWriter(path("every1-writer"))
+    out.append(Variant("log every step, SummaryWriter", t, torchbp.DeltaMonitor(m, log=writer, every=1), writer=writer))
+    t, m = trainer()
+    writer = SummaryWriter(path("every1-writer-re-encoded"))
+    monitor = re_encoded(torchbp.DeltaMonitor(m, log=writer, every=1))
+    out.append(Variant("log every step, SummaryWriter re-encoded", t, monitor, writer=writer))
     t, m = trainer()
     per = torchbp.DeltaMonitor(m, log=path("per"), every=1, per_sample_norms=True)
     out.append(Variant("+per-sample", t, per, read_per_sample=True))
@@ -225,6 +246,8 @@ def run(name: str, device: torch.device, logdir: str, args) -> list[Variant]:
     for v in vs:
         if v.monitor is not None:
             v.monitor.close()
+        if v.writer is not None:
+            v.writer.close()
     return vs
 
 
@@ -291,6 +314,7 @@ def main(argv=None) -> int:
             f"torchbp {torchbp.__version__}",
             f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             f"MLP {MLP} batch {MLP_BATCH}; transformer dim 128, 2 blocks, {LENGTH} tokens, batch {TOKENS_BATCH}; SGD",
+            crc_used(),
             f"{args.repeats} interleaved blocks of ~{args.block_ms:g} ms"
             + (" (--quick)" if args.quick else "")
             + ("; CPU time of the process (--cpu-time)" if args.cpu_time else ""),

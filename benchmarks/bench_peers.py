@@ -63,14 +63,10 @@ import time
 import warnings
 
 import torch
+from harness import MLP, MLP_BATCH, Timer, Trainer, build, cpu_model, log
 from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench_monitor import MLP, MLP_BATCH, build  # noqa: E402
-from bench_step import Timer, Trainer, cpu_model, log  # noqa: E402
-
-import torchbp  # noqa: E402
+import torchbp
 
 MODELS = {"mlp": "mlp-relu", "transformer": "transformer"}
 

@@ -76,15 +76,26 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from harness import (
+    ACTIVATIONS,
+    LENGTH,
+    VOCAB,
+    Timer,
+    Trainer,
+    build_mlp,
+    cpu_model,
+    log,
+    quantile,
+    select_devices,
+    transformer_lm,
+)
 from torch import nn
 
 import torchbp
@@ -98,7 +109,6 @@ SIZES = [
 COMPILED_TARGET = 1.02  # torch.compile(fullgraph=True) of both models (small and medium)
 TRANSFORMER_TARGET = 1.02  # examples/transformer.py's TinyTransformer, converted (dim 128, 2 blocks, 64 tokens)
 MODES = ("eager", "compiled", "transformer")
-ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 MEMORY_TARGET = 1.00
 # Memory ratios pass up to 1.00 * (1 + MEMORY_TOLERANCE): a few bytes of transient scalar tensors (a Python
 # number in a tensor op is wrapped in a 0-d tensor) should not read as a miss; any real buffer is far above it.
@@ -107,78 +117,9 @@ SOURCE_STATE = "unknown"
 N_BATCHES = 4  # a cycle of distinct batches, the same sequence for both models
 
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # Models and steps
 # --------------------------------------------------------------------------------------------------
-
-
-def build_mlp(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
-
-
-VOCAB, LENGTH = 64, 64
-
-
-def transformer_lm() -> nn.Module:
-    """examples/transformer.py's TinyTransformer (dim 128, 4 heads, 2 blocks), logits flattened to (tokens, vocab)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    from transformer import TinyTransformer
-
-    class LanguageModel(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = TinyTransformer(vocab=VOCAB, dim=128, heads=4, layers=2, length=LENGTH)
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return self.net(tokens).reshape(-1, VOCAB)
-
-    return LanguageModel()
-
-
-def make_optimizer(name: str, params) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    return torch.optim.Adam(params, lr=1e-3)
-
-
-class Trainer:
-    """A model, its loss and optimizer, and a cycle of batches; ``step()`` is one training step."""
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: str, batches) -> None:
-        self.model, self.loss_fn, self.batches = model, loss_fn, batches
-        self.opt = make_optimizer(optimizer, model.parameters())
-        self.i = 0
-
-    def step(self) -> None:
-        x, y = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        self.opt.zero_grad()
-        self.loss_fn(self.model(x), y).backward()
-        self.opt.step()
-
-    def live_state_bytes(self) -> int:
-        """Distinct storages of parameters, their grads, optimizer state and the current batch."""
-        tensors = []
-        for p in self.model.parameters():
-            tensors += [p, p.grad]
-        for state in self.opt.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-        tensors += list(self.batches[self.i % len(self.batches)])
-        seen: dict[tuple, int] = {}
-        for t in tensors:
-            if t is not None:
-                s = t.untyped_storage()
-                seen[(t.device, s.data_ptr())] = s.nbytes()
-        return sum(seen.values())
 
 
 def check_same(ref: Trainer, bp: Trainer) -> str | None:
@@ -206,34 +147,6 @@ def check_same(ref: Trainer, bp: Trainer) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
-
-
-class Timer:
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def block(self, trainer: Trainer, k: int) -> float:
-        """Seconds per step over a block of ``k`` steps."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(k):
-                trainer.step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / k
-        t0 = time.perf_counter()
-        for _ in range(k):
-            trainer.step()
-        return (time.perf_counter() - t0) / k
-
-
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def time_pair(ref: Trainer, bp: Trainer, timer: Timer, repeats: int, warmup: int, block_s: float):
@@ -470,17 +383,6 @@ def mark(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def source_state() -> str:
     """The torchbp source measured: git commit, and whether torchbp/ differs from it."""
     import subprocess
@@ -657,18 +559,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not set(args.modes) <= set(MODES):
         p.error(f"--modes takes a subset of {','.join(MODES)}")
     return args
-
-
-def select_devices(choice: str) -> list[torch.device] | None:
-    """--device cpu|cuda|all -> the devices to run on ('all': CPU, and CUDA when available); None if
-    CUDA was asked for and is not available."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        log("error: --device cuda, but torch.cuda.is_available() is False")
-        return None
-    devices = [torch.device("cpu")] if choice in ("cpu", "all") else []
-    if choice == "cuda" or (choice == "all" and torch.cuda.is_available()):
-        devices.append(torch.device("cuda", torch.cuda.current_device()))
-    return devices
 
 
 def main(argv=None) -> int:

@@ -35,15 +35,13 @@ import pstats
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from bench_step import N_BATCHES, SIZES
+from harness import ACTIVATIONS, Trainer, build_mlp
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import ACTIVATIONS, N_BATCHES, SIZES, Trainer, build_mlp  # noqa: E402
-
-import torchbp  # noqa: E402
+import torchbp
 
 
 def convert_only(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> nn.Module:

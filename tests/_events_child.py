@@ -1,7 +1,7 @@
 """Child process for tests/test_events.py (run with sys.executable; not a test module).
 
 python tests/_events_child.py kill LOGDIR
-    Busy with torch matmuls, logs one scalar per step through torchbp._events.summary_writer and prints
+    Busy with torch matmuls, logs one scalar per step through torchbp.monitor.events.summary_writer and prints
     {"step": i, "t": time.monotonic()} (flushed) right after each add_scalar returns, until the parent
     SIGKILLs it; it exits by itself after 60 s.
 python tests/_events_child.py atexit LOGDIR N
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from torchbp._events import summary_writer
+from torchbp.monitor.events import summary_writer
 
 MAX_SECONDS = 60.0
 
@@ -35,7 +35,15 @@ def kill(logdir: str) -> None:
 
 def at_exit(logdir: str, n: int) -> None:
     writer = summary_writer(logdir)
-    writer._get_file_writer().event_writer.submit(lambda: time.sleep(0.3))  # holds the queue at exit
+    event_writer = writer._get_file_writer().event_writer._writer
+    real = event_writer._write
+
+    def slow_write(data):  # the thread is in its first write at exit, the events queued behind it
+        event_writer._write = real
+        time.sleep(0.3)
+        real(data)
+
+    event_writer._write = slow_write
     for step in range(n):
         writer.add_scalar("step", float(step), step)
     print("queued", flush=True)

@@ -393,3 +393,16 @@ def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def tfrecord_payloads(path) -> list[bytes]:
+    """The payloads (serialized ``Event``\\ s) of a TensorBoard event file, in order: each TFRecord is the length
+    (8 bytes, little-endian), its masked CRC (4), the payload, the payload's masked CRC (4)."""
+    import struct
+
+    data, pos, payloads = Path(path).read_bytes(), 0, []
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        payloads.append(data[pos + 12 : pos + 12 + length])
+        pos += 16 + length
+    return payloads

@@ -1,4 +1,4 @@
-"""torchbp._events, the threaded TensorBoard event writer, against TensorBoard itself.
+"""torchbp.monitor.events, the threaded TensorBoard event writer, against TensorBoard itself.
 
 Every file is read back with TensorBoard's ``EventAccumulator`` and every checksum compared with
 TensorBoard's ``masked_crc32c``. The flush policy is checked in a child process killed with SIGKILL
@@ -27,13 +27,17 @@ import numpy as np
 import pytest
 import torch
 
-from torchbp import _events
-from torchbp._events import EventFile, ensure_writable, histogram_value, image_value, scalar_summary, summary_writer
+from torchbp.monitor import events as _events
+from torchbp.monitor.events import (
+    EventFile,
+    ensure_writable,
+    scalar_summary,
+    summary_writer,
+)
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.compat.proto.event_pb2 import Event  # noqa: E402
-from tensorboard.compat.proto.summary_pb2 import Summary  # noqa: E402
 
 CHILD = Path(__file__).resolve().with_name("_events_child.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,38 +137,6 @@ def test_summary_writer_events_read_back_exactly(tmp_path):
     assert scalars(read(event_files(tmp_path)[1]), "loss") == [(9, 9.0)]
 
 
-def test_submitted_closures_read_back_exactly(tmp_path):
-    pixels = np.random.default_rng(1).integers(0, 256, (4, 6, 3), dtype=np.uint8)
-    image = png(pixels)
-    limits, counts = [-1.0, 0.0, 0.5, 2.0], [3, 0, 7, 1]
-    f = EventFile(str(tmp_path))
-
-    def build(step, scale):  # runs in the writer thread
-        summary = scalar_summary([("a", 0.25 * scale), ("b", -3.5 * scale)])
-        summary.value.append(histogram_value("h", -1.5, 1.75, 11, 2.5 * scale, 9.25, np.array(limits), counts))
-        return Event(step=step, wall_time=1000.0 + step, summary=summary)
-
-    f.submit(lambda: build(0, 1))
-    f.submit(lambda: [build(1, 2), build(2, 3)])  # an iterable of events
-    f.submit(lambda: Event(step=3, summary=Summary(value=[image_value("img", image, 4, 6)])))
-    f.submit(lambda: None)  # nothing to write
-    f.close()
-
-    ea = read(f.path)
-    assert scalars(ea, "a") == [(0, 0.25), (1, 0.5), (2, 0.75)]
-    assert scalars(ea, "b") == [(0, -3.5), (1, -7.0), (2, -10.5)]
-    assert [e.wall_time for e in ea.Scalars("a")] == [1000.0, 1001.0, 1002.0]
-    hists = ea.Histograms("h")
-    assert [h.step for h in hists] == [0, 1, 2]
-    for h, scale in zip(hists, [1, 2, 3]):
-        hv = h.histogram_value
-        assert (hv.min, hv.max, hv.num, hv.sum, hv.sum_squares) == (-1.5, 1.75, 11, 2.5 * scale, 9.25)
-        assert (list(hv.bucket_limit), list(hv.bucket)) == (limits, counts)
-    (im,) = ea.Images("img")
-    assert (im.step, im.height, im.width, im.encoded_image_string) == (3, 4, 6, image)
-    assert im.wall_time > 0  # a wall_time of 0 is filled in by the writer
-
-
 def test_add_event_writes_the_event_as_it_was_when_added(tmp_path):
     f = EventFile(str(tmp_path))
     event = Event(summary=scalar_summary([("x", 1.0)]))
@@ -181,9 +153,27 @@ def test_add_event_writes_the_event_as_it_was_when_added(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+def hold_writes(f, gate: threading.Event) -> threading.Event:
+    """Make ``f``'s writer thread wait on ``gate`` in its next write; returns an Event set once it waits."""
+    writer, waiting = f._writer, threading.Event()
+    real = writer._write
+
+    def write(data):
+        writer._write = real
+        waiting.set()
+        gate.wait(timeout=30)
+        real(data)
+
+    writer._write = write
+    return waiting
+
+
 def test_flush_waits_for_a_busy_writer_thread(tmp_path):
     f = EventFile(str(tmp_path))
-    f.submit(lambda: time.sleep(0.3))  # the thread is busy while the events queue up behind
+    f.flush()
+    gate = threading.Event()
+    threading.Timer(0.3, gate.set).start()
+    hold_writes(f, gate)  # the thread is busy in a write while the events queue up behind
     for step in range(300):
         f.add_event(Event(step=step, wall_time=1.0, summary=scalar_summary([("x", float(step))])))
     f.flush()
@@ -202,7 +192,7 @@ def test_close_is_idempotent_add_after_close_raises_and_reopen_starts_a_new_file
     with pytest.raises(RuntimeError, match=r"is closed; call reopen\(\)"):
         f.add_event(Event(step=1, summary=scalar_summary([("x", 1.0)])))
     with pytest.raises(RuntimeError, match="is closed"):
-        f.submit(lambda: None)
+        f.add_serialized_event(Event(step=1).SerializeToString())
     f.reopen()
     assert f.path != first and f.path.endswith(".v1")
     f.add_event(Event(step=2, summary=scalar_summary([("x", 2.0)])))
@@ -210,28 +200,6 @@ def test_close_is_idempotent_add_after_close_raises_and_reopen_starts_a_new_file
     f.close()
     assert scalars(read(first), "x") == [(0, 0.0)]
     assert scalars(read(f.path), "x") == [(2, 2.0)]
-
-
-def test_an_error_in_a_submitted_function_resurfaces_in_the_calling_thread(tmp_path):
-    f = EventFile(str(tmp_path))
-    f.submit(lambda: 1 / 0)
-    with pytest.raises(RuntimeError, match=str(tmp_path)) as info:
-        f.flush()
-    assert isinstance(info.value.__cause__, ZeroDivisionError)
-    f.flush()  # reported once
-    failed, ran = lambda: 1 / 0, threading.Event()
-    f.submit(failed)
-    f.submit(lambda: ran.set())
-    assert ran.wait(timeout=30)
-    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
-        f.add_event(Event(step=1, summary=scalar_summary([("x", 1.0)])))  # queued all the same
-    f.submit(lambda: "not an event")
-    with pytest.raises(RuntimeError, match="must return an Event") as info:
-        f.flush()
-    assert isinstance(info.value.__cause__, TypeError)
-    f.add_event(Event(step=2, summary=scalar_summary([("x", 2.0)])))  # reported once: the writer goes on
-    f.close()
-    assert scalars(read(f.path), "x") == [(1, 1.0), (2, 2.0)]
 
 
 def test_a_failing_disk_write_resurfaces_from_close(tmp_path):
@@ -256,8 +224,6 @@ def test_bad_arguments_say_what_was_expected(tmp_path):
     f = EventFile(str(tmp_path))
     with pytest.raises(TypeError, match="expected a tensorboard.*Event, got Summary"):
         f.add_event(scalar_summary([("x", 1.0)]))
-    with pytest.raises(TypeError, match="expected a zero-argument callable"):
-        f.submit(Event())
     with pytest.raises(ValueError, match="max_queue to be a positive int, got 0"):
         EventFile(str(tmp_path), max_queue=0)
     f.close()
@@ -267,11 +233,13 @@ def test_a_full_queue_blocks_the_caller_and_loses_nothing(tmp_path):
     gate = threading.Event()
     f = EventFile(str(tmp_path), max_queue=4)
     f.flush()
-    f.submit(lambda: [gate.wait(timeout=30)][:0])  # holds one of the 4 slots while it runs; writes nothing
+    waiting = hold_writes(f, gate)
+    f.add_event(Event(step=0, wall_time=1.0, summary=scalar_summary([("x", 0.0)])))
+    assert waiting.wait(timeout=30)  # the thread holds step 0 in its write: the queue behind it is empty
     queued = []
 
     def producer():
-        for step in range(20):
+        for step in range(1, 20):
             f.add_event(Event(step=step, wall_time=1.0, summary=scalar_summary([("x", float(step))])))
             queued.append(step)
 
@@ -280,7 +248,7 @@ def test_a_full_queue_blocks_the_caller_and_loses_nothing(tmp_path):
     try:
         time.sleep(0.3)
         assert thread.is_alive(), "the producer was never blocked"
-        assert len(queued) == 3, f"{len(queued)} events queued behind a busy item with max_queue=4"
+        assert len(queued) == 4, f"{len(queued)} events queued behind a busy write with max_queue=4"
     finally:
         gate.set()
     thread.join(timeout=30)

@@ -52,6 +52,7 @@ from helpers import (
     relu_mlp,
     scalar_series,
     sigmoid_mlp,
+    tfrecord_payloads,
 )
 from torch import nn
 
@@ -384,6 +385,55 @@ def test_summary_writer_passed_in_is_used_flushed_and_left_open(tmp_path):
     assert {"user/after_monitor", "delta_norm/0", "delta_norm/2", "delta_norm/4"} <= set(ea.Tags()["scalars"])
     assert scalar_series(ea, "user/after_monitor") == {7: 1.5}
     assert sorted(scalar_series(ea, "delta_norm/0")) == [0]
+
+
+def test_each_event_is_encoded_once_and_reads_back_alike_through_a_directory_and_a_summary_writer(
+    tmp_path, monkeypatch
+):
+    """The bytes the monitor builds are the bytes on disk, on both paths: nothing parses an event back to encode it
+    again (torch's FileWriter takes only Event objects); TensorBoard reads the same values from both."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from torch.utils.tensorboard import SummaryWriter
+
+    from torchbp.monitor import writer as monitor_writer
+
+    built: dict[str, list[bytes]] = {"directory": [], "summary_writer": []}
+    parsed = []
+    real_write, real_parse = monitor_writer._Sink.write, Event.FromString
+    target = "directory"
+
+    def write(sink, data):
+        built[target].append(bytes(data))
+        real_write(sink, data)
+
+    monkeypatch.setattr(monitor_writer._Sink, "write", write)
+    monkeypatch.setattr(Event, "FromString", lambda data: (parsed.append(data), real_parse(data))[1])
+    model = bp_copy(mixed_mlp()[0])
+    for target in built:
+        logdir = tmp_path / target
+        log = SummaryWriter(str(logdir)) if target == "summary_writer" else logdir
+        run = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(0)
+        with torchbp.DeltaMonitor(run, log=log, every=1, histogram_every=2):
+            for _ in range(4):
+                loss_fn(run(torch.randn(8, 6, generator=gen)), torch.randn(8, 4, generator=gen)).backward()
+        if target == "summary_writer":
+            log.close()
+        assert built[target], f"{target}: the monitor built no events"
+        (file,) = logdir.glob("events.out.tfevents.*")
+        on_disk = set(tfrecord_payloads(file))
+        changed = [data for data in built[target] if data not in on_disk]
+        assert not changed, f"{target}: {len(changed)} of {len(built[target])} events were re-encoded on the way"
+    assert parsed == [], f"{len(parsed)} serialized events were parsed back (Event.FromString) to be encoded again"
+    own, theirs = read_events(tmp_path / "directory"), read_events(tmp_path / "summary_writer")
+    assert own.Tags()["scalars"] and sorted(own.Tags()["scalars"]) == sorted(theirs.Tags()["scalars"])
+    for tag in own.Tags()["scalars"]:
+        assert scalar_series(theirs, tag) == scalar_series(own, tag), tag
+    assert own.Tags()["histograms"] and sorted(own.Tags()["histograms"]) == sorted(theirs.Tags()["histograms"])
+    for tag in own.Tags()["histograms"]:
+        assert [(h.step, h.histogram_value) for h in theirs.Histograms(tag)] == [
+            (h.step, h.histogram_value) for h in own.Histograms(tag)
+        ], tag
 
 
 def test_detach_stops_recording_and_attach_resumes(tmp_path):

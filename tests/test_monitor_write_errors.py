@@ -17,7 +17,7 @@ import torch
 from helpers import small_tmpfs
 
 import torchbp
-from torchbp import _events
+from torchbp.monitor import events as _events
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -37,6 +37,7 @@ __all__ = [
     "will_use_gradient",
     "force_compile_eager",
     "restore_compile_stance",
+    "serialized_event_writer",
 ]
 
 TORCH_CHECKED = "2.13.0"  # the torch version every function below was checked on
@@ -206,3 +207,26 @@ def restore_compile_stance(token: Any) -> None:
     """Restore the stance that was in effect before :func:`force_compile_eager` returned ``token``. Public API.
     Checked on torch 2.13.0."""
     token.__exit__(None, None, None)
+
+
+# -- SummaryWriter internals ----------------------------------------------------------------------------------
+
+
+def serialized_event_writer(file_writer: Any) -> Callable[[bytes], None] | None:
+    """The function that queues one serialized ``Event`` (bytes) on ``file_writer`` (a ``SummaryWriter``'s
+    ``_get_file_writer()``) as it is, or None if it has none.
+
+    torch's ``FileWriter.add_event`` takes only an ``Event`` object, which its event writer serializes again;
+    events built as bytes would have to be parsed back (``Event.FromString``) to be handed over, and then encoded a
+    second time. Its ``event_writer`` (public attribute) is torchbp's ``EventFile`` (``add_serialized_event``) for
+    the monitor's own writer, or TensorBoard's ``EventFileWriter`` (also wandb's ``sync_tensorboard`` subclass of
+    it), whose private ``_async_writer.write(bytes)`` is what its own ``add_event`` calls with the serialized
+    event: its thread frames the bytes as a record (TensorBoard's CRC) and appends them to that writer's file.
+    Checked on torch 2.13.0 and tensorboard 2.21.0; no public API (``add_event(Event.FromString(data))`` is the
+    public way, at the cost of the second encode).
+    """
+    event_writer = getattr(file_writer, "event_writer", None)
+    write = getattr(event_writer, "add_serialized_event", None)
+    if write is None:
+        write = getattr(getattr(event_writer, "_async_writer", None), "write", None)
+    return write if callable(write) else None

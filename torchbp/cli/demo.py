@@ -40,7 +40,7 @@ from typing import Any, TextIO
 import torch
 
 import torchbp
-from torchbp._events import ensure_writable
+from torchbp.monitor.events import ensure_writable
 
 from ._args import Parser, dispatch, integer, positive_float, positive_int
 

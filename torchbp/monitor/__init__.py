@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _events, _torch_private
+from .. import _torch_private
 from ..nn import ReLU, is_monitored_layer
 from . import dataflow, host, ranks, writer
+from . import events as _events
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
 from .records import (  # noqa: F401 (the record's columns, re-exported)

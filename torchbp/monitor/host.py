@@ -11,7 +11,7 @@ Threads, each with its reason (no others; no lock is held while the training thr
   without waiting for the next backward pass;
 - ``torchbp-delta-map`` (at most one at a time, not a daemon: at exit the picture finishes before the
   writer closes) draws the δ map with matplotlib, which takes far longer than a step;
-- the event file's own writer thread (:mod:`torchbp._events`) does the file writes.
+- the event file's own writer thread (:mod:`torchbp.monitor.events`) does the file writes.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _events
 from . import dataflow, ranks
+from . import events as _events
 from .records import (
     DEAD,
     DEAD_GEN,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import _events
+from .. import _torch_private
+from . import events as _events
 
 
 def open_writer(log, on_error: str = "warn"):
@@ -38,7 +39,7 @@ def _wandb_syncs_tensorboard() -> bool:
     """``wandb.init(sync_tensorboard=True)`` (or ``wandb.tensorboard.patch()``) is in effect: wandb then replaces
     torch's ``EventFileWriter`` by a subclass that registers each new log directory with the W&B run, and syncs
     only those directories. A monitor logging to a directory then writes through torch's ``SummaryWriter`` (the
-    writer that patch sees) instead of :func:`torchbp._events.summary_writer`. wandb is not imported here."""
+    writer that patch sees) instead of :func:`torchbp.monitor.events.summary_writer`. wandb is not imported here."""
     wandb = sys.modules.get("wandb")
     return bool(getattr(wandb, "patched", {}).get("tensorboard")) if wandb is not None else False
 
@@ -46,6 +47,14 @@ def _wandb_syncs_tensorboard() -> bool:
 class _Sink:
     """Where the monitor's (serialized) events go: the file writer of ``writer`` (the monitor's own, or a
     SummaryWriter of the user's), whose background thread writes them.
+
+    :meth:`write` takes any serialized ``Event`` (scalars, histograms, images, text or tensor summaries) and
+    hands those very bytes to the writer's event file: each event is encoded once, by the monitor. (torch's
+    ``FileWriter.add_event`` takes only ``Event`` objects; see ``_torch_private.serialized_event_writer``.) A
+    SummaryWriter of the user's keeps its single event file: the monitor's events are appended to it by that
+    writer's own thread, framed with TensorBoard's pure-Python CRC; the monitor's own writer frames them with
+    ``google-crc32c``. (A second event file of the monitor's in the user's directory would not do: TensorBoard
+    reads the files of a directory one after the other and does not go back to an older one.)
 
     Every call into the writer is guarded: with ``on_error="warn"`` an exception (a SummaryWriter of the
     user's whose thread died on a full disk, say) is warned of once and the event counted as dropped; the
@@ -57,6 +66,7 @@ class _Sink:
         self.errors = _events.WriteErrors(str(logdir), on_error, "DeltaMonitor")
         self.failed = 0  # events the writer raised on
         self._file_writer = None
+        self._add = None  # queues one serialized event on _file_writer, as it is
         self._event_files: list = []  # the writer's torchbp EventFiles (a new one after it reopens)
 
     @property
@@ -79,17 +89,19 @@ class _Sink:
 
     def _write(self, data: bytes) -> None:
         file_writer = self.writer._get_file_writer()
-        if file_writer is not self._file_writer:
+        if file_writer is not self._file_writer:  # (a new one after the writer was closed and reopened)
             self._file_writer = file_writer
+            self._add = _torch_private.serialized_event_writer(file_writer) or self._parse_and_add
             event_file = getattr(file_writer, "event_writer", None)
             if hasattr(event_file, "dropped"):
                 self._event_files.append(event_file)
-        if hasattr(file_writer, "add_serialized_event"):
-            file_writer.add_serialized_event(data)
-        else:
-            from tensorboard.compat.proto.event_pb2 import Event
+        self._add(data)
 
-            file_writer.add_event(Event.FromString(data))
+    def _parse_and_add(self, data: bytes) -> None:
+        """A file writer that takes only ``Event`` objects (none known to torchbp): the event is encoded twice."""
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        self._file_writer.add_event(Event.FromString(data))
 
     def flush(self) -> None:
         self.guarded(self.writer.flush)

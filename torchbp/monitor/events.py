@@ -2,9 +2,8 @@
 
 An :class:`EventFile` owns one event file, one daemon thread and a bounded queue. The training thread
 hands it a finished ``Event`` protobuf (:meth:`EventFile.add_event`, serialized in the caller, a few µs)
-or a closure that builds the events (:meth:`EventFile.submit`: the cost of building histogram, image and
-scalar protobufs from numpy arrays moves to the writer thread) and goes on at once. The writer thread
-frames each event as a TFRecord (length, masked CRC-32C of the length, payload, masked CRC-32C of the
+or an ``Event`` already serialized (:meth:`EventFile.add_serialized_event`: what the DeltaMonitor writes)
+and goes on at once. The writer thread frames each event as a TFRecord (length, masked CRC-32C of the length, payload, masked CRC-32C of the
 payload; the CRC from ``google-crc32c``) and writes it. :func:`summary_writer` wraps an EventFile in a
 subclass of torch's ``SummaryWriter``, so ``add_scalar``, ``add_histogram``, ``add_image``... go through
 the same thread.
@@ -18,11 +17,11 @@ within about ``FLUSH_INTERVAL_S`` plus the time to write the events queued befor
 ``atexit`` hook closes every open file). The thread sleeps on the queue when there is nothing to do: no
 polling, and one system call per batch of events.
 
-**Back-pressure, never data loss.** At most ``max_queue`` (default :data:`MAX_QUEUE`) items wait or are
-being built; a caller that finds the queue full blocks until the thread has made room.
+**Back-pressure, never data loss.** At most ``max_queue`` (default :data:`MAX_QUEUE`) events wait; a caller
+that finds the queue full blocks until the thread has made room.
 
-**Errors.** An exception in the writer thread (a failing ``submit`` closure, a full disk) is kept and
-reported in the calling thread by the next call of ``add_event``, ``submit``, ``flush`` or ``close``; that
+**Errors.** An exception in the writer thread (a full disk) is kept and reported in the calling thread by
+the next call of ``add_event``, ``add_serialized_event``, ``flush`` or ``close``; that
 call does its own work first (queues its item, drains, closes), so only the failed items are lost. With
 ``on_error="raise"`` (:class:`EventFile`'s default) the report is a ``RuntimeError`` naming the log
 directory with the original exception as its ``__cause__``; with ``on_error="warn"`` (what the
@@ -50,15 +49,14 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 
 FLUSH_INTERVAL_S = 0.05
 """Under continuous load, the writer thread hands what it has to the OS at least this often (seconds)."""
 MAX_QUEUE = 256
-"""Default bound on the items queued or being built; beyond it, ``add_event`` and ``submit`` block."""
+"""Default bound on the events queued; beyond it, ``add_event`` and ``add_serialized_event`` block."""
 _BATCH_BYTES = 1 << 20  # a batch is also written once it holds this many bytes
 
 _counter = itertools.count()
@@ -131,8 +129,8 @@ def _write_error(logdir: str, error: BaseException, more: int) -> RuntimeError:
     also = f" (and {more} later error{'s' if more > 1 else ''})" if more else ""
     return RuntimeError(
         f"EventFile: writing TensorBoard events to {logdir!r} failed in the writer thread: "
-        f"{type(error).__name__}: {error}{also}. The item that failed is lost; the others are written. "
-        "Check the free disk space and the functions passed to submit()."
+        f"{type(error).__name__}: {error}{also}. The events that failed are lost; the others are written. "
+        "Check the free disk space."
     )
 
 
@@ -192,9 +190,9 @@ class _Writer:
         self._identity = _identity(file)  # (device, inode) of the open file: is it still the one at `path`?
         self._offset = 0  # bytes of whole records written
         self._written = -1  # events written to the current file (not counting the file_version header first)
-        self.dropped = 0  # records (or submitted items) lost: failed writes, a failed closure, a deleted file
+        self.dropped = 0  # records lost: failed writes, a deleted file
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # unbounded; the bound is _slots
-        self._slots = threading.Semaphore(max_queue)  # one per data item queued or being built
+        self._slots = threading.Semaphore(max_queue)  # one per event queued
         self._lock = threading.Lock()  # orders the `closed` check with each put
         self._error_lock = threading.Lock()
         self._error: BaseException | None = None
@@ -207,8 +205,8 @@ class _Writer:
 
     # ---- calling thread ----------------------------------------------------------------------------
 
-    def put(self, item: bytes | Callable[[], Any]) -> None:
-        """Queue serialized event bytes or a closure; blocks while ``max_queue`` items are pending."""
+    def put(self, item: bytes) -> None:
+        """Queue serialized event bytes; blocks while ``max_queue`` events are pending."""
         if self.closed:
             raise self._closed_error()
         while not self._slots.acquire(timeout=1.0):
@@ -287,23 +285,6 @@ class _Writer:
             else:
                 self._more_errors += 1
 
-    def _records(self, item: bytes | Callable[[], Any]) -> list[bytes]:
-        if isinstance(item, bytes):
-            return [_record(item)]
-        result = item()
-        events = [] if result is None else [result] if isinstance(result, self._event_type) else list(result)
-        records = []
-        for event in events:
-            if not isinstance(event, self._event_type):
-                raise TypeError(
-                    f"EventFile.submit: the function must return an Event, an iterable of Events or None, "
-                    f"got {type(event).__name__} from {item!r}"
-                )
-            if not event.wall_time:
-                event.wall_time = time.time()
-            records.append(_record(event.SerializeToString()))
-        return records
-
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
@@ -380,14 +361,8 @@ class _Writer:
                 if isinstance(item, threading.Event):  # a flush(): write what came before it, now
                     waiters.append(item)
                     break
-                try:
-                    records = self._records(item)
-                except BaseException as e:  # kept for the calling thread
-                    self._fail(e, 1)
-                else:
-                    batch += records
-                    size += sum(map(len, records))
-                item = None  # drop the closure (and the arrays it holds) before waiting for the next
+                batch.append(_record(item))
+                size += len(batch[-1])
                 self._slots.release()
                 if size >= _BATCH_BYTES or time.monotonic() >= deadline:
                     break
@@ -424,21 +399,21 @@ class EventFile:
     """A TensorBoard event file written by a background thread (the flush policy is in this module's docstring).
 
     It has the interface of TensorBoard's ``EventFileWriter`` (``add_event``, ``flush``, ``close``,
-    ``reopen``, ``get_logdir``) plus :meth:`submit`. The file is named like TensorBoard's,
+    ``reopen``, ``get_logdir``) plus :meth:`add_serialized_event`. The file is named like TensorBoard's,
     ``events.out.tfevents.<time>.<host>.<pid>.torchbp<n><suffix>``, and created exclusively, so it never
     collides with a torch ``SummaryWriter``'s or another EventFile's, in this process or another.
 
     Args:
         logdir (str): the directory to write in; created if needed.
         filename_suffix (str): appended to the file name. Default: ``""``.
-        max_queue (int): how many items may wait (or be in the making) before ``add_event`` and ``submit``
+        max_queue (int): how many events may wait before ``add_event`` and ``add_serialized_event``
             block. Default: :data:`MAX_QUEUE` (256).
         on_error (str): ``"raise"``: an error of the writer thread is raised as a ``RuntimeError`` by the
             next call; ``"warn"``: it is warned of once, and ``flush()``/``close()`` warn how many events
             were not written (:attr:`dropped`). Either way the writer goes on (see the module docstring).
             Default: ``"raise"``.
 
-    After :meth:`close`, ``add_event`` and ``submit`` raise ``RuntimeError`` until :meth:`reopen` starts a
+    After :meth:`close`, ``add_event`` and ``add_serialized_event`` raise ``RuntimeError`` until :meth:`reopen` starts a
     new file. Events still queued at normal interpreter exit are written.
 
     Example::
@@ -448,12 +423,10 @@ class EventFile:
         >>> from tensorboard.compat.proto.summary_pb2 import Summary
         >>> f = EventFile("runs/exp1")
         >>> f.add_event(Event(step=0, summary=scalar_summary([("loss", 0.25)])))
-        >>> w = weight.detach().cpu().numpy().copy()  # a copy: the closure runs later, in the writer thread
-        >>> def build(step=0, w=w):
-        ...     counts, edges = np.histogram(w, bins=30)
-        ...     value = histogram_value("w", w.min(), w.max(), w.size, w.sum(), (w * w).sum(), edges[1:], counts)
-        ...     return Event(step=step, summary=Summary(value=[value]))
-        >>> f.submit(build)
+        >>> w = weight.detach().cpu().numpy()
+        >>> counts, edges = np.histogram(w, bins=30)
+        >>> value = histogram_value("w", w.min(), w.max(), w.size, w.sum(), (w * w).sum(), edges[1:], counts)
+        >>> f.add_serialized_event(Event(step=0, summary=Summary(value=[value])).SerializeToString())
         >>> f.close()
     """
 
@@ -472,8 +445,8 @@ class EventFile:
 
     @property
     def dropped(self) -> int:
-        """How many events (or submitted functions) were not written: failed writes, failed functions, and
-        the events of an event file deleted while it was written."""
+        """How many events were not written: failed writes, and the events of an event file deleted while it
+        was written."""
         return self._dropped_before + self._writer.dropped
 
     def _report(self) -> None:
@@ -515,23 +488,6 @@ class EventFile:
     def add_serialized_event(self, data: bytes) -> None:
         """Queue an ``Event`` already serialized (see :class:`ScalarEvents`) and return at once."""
         self._writer.put(bytes(data))
-        self._report()
-
-    def submit(self, fn: Callable[[], Any]) -> None:
-        """Queue ``fn``, a zero-argument callable that the writer thread calls, and return at once.
-
-        ``fn()`` returns an ``Event``, an iterable of ``Event``\\ s, or ``None``; they are written in order,
-        after everything queued before. An event whose ``wall_time`` is 0 gets the time it is written at;
-        set ``step`` (and the caller's ``time.time()`` as ``wall_time``, if it matters) inside ``fn``. ``fn``
-        must not read tensors the training thread goes on changing: hand it copies (numpy arrays). If
-        ``fn`` raises, its events are lost and the error resurfaces from the next call in the calling
-        thread. Blocks only while the queue is full.
-        """
-        if not callable(fn):
-            raise TypeError(
-                f"EventFile.submit expected a zero-argument callable returning Events, got {type(fn).__name__}"
-            )
-        self._writer.put(fn)
         self._report()
 
     def flush(self) -> None:
@@ -654,7 +610,7 @@ def _summary_writer_class() -> type:
                 self.event_writer = EventFile(log_dir, filename_suffix, on_error=on_error)  # (no tensorboard thread)
 
         class SummaryWriter(TorchSummaryWriter):
-            """torch's SummaryWriter, writing through a :class:`torchbp._events.EventFile`."""
+            """torch's SummaryWriter, writing through a :class:`torchbp.monitor.events.EventFile`."""
 
             def __init__(self, *args, on_error: str = "raise", **kwargs) -> None:
                 self.on_error = on_error  # (before torch's __init__ opens the first file writer)
