@@ -20,7 +20,8 @@ from torch.autograd.gradcheck import GradcheckError
 from torch.func import functional_call, hessian, jacfwd, jvp
 
 import torchbp
-import torchbp.equations
+import torchbp.equations.activations
+import torchbp.equations.costs
 import torchbp.functional as BF
 import torchbp.nn as bnn
 
@@ -267,8 +268,13 @@ def test_fast_paths_not_taken_when_backward_is_differentiated(monkeypatch):
         return M.cross_entropy(M.sigmoid(M.relu(M.linear(x, w, b))), t)
 
     expected = hessian(lambda w, b: loss(torch_ref, w, b), argnums=(0, 1))(*params)
-    for name in ("_select_by_bits", "_times_a_one_minus_a", "_softmax_minus_one_hot"):
-        monkeypatch.setattr(torchbp.equations, name, _raises(name))
+    fast_paths = (
+        (torchbp.equations.activations, "_select_by_bits"),
+        (torchbp.equations.activations, "_times_a_one_minus_a"),
+        (torchbp.equations.costs, "_softmax_minus_one_hot"),
+    )
+    for module, name in fast_paths:  # (patched where the equations look them up)
+        monkeypatch.setattr(module, name, _raises(name))
     got = hessian(lambda w, b: loss(BF, w, b), argnums=(0, 1))(*params)
     for path, o, r in _leaves(got, expected):
         assert_close_labelled(o, r, f"hessian {path}")
