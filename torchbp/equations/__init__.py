@@ -6,7 +6,9 @@ Functions (:mod:`torchbp.functions`) and the backprop loop (:mod:`torchbp.backpr
 
 - :mod:`~torchbp.equations.dense`: ``nn.Linear`` and GPT-2's ``Conv1D`` (BP2's first half, BP3, BP4; their jvp);
 - :mod:`~torchbp.equations.activations`: BP1/BP2's second half, :math:`⊙ σ'(z)`;
-- :mod:`~torchbp.equations.costs`: each cost's BP1 (:math:`∇_a C`, or δ^L on logits), and a cost's jvp.
+- :mod:`~torchbp.equations.costs`: each cost's BP1 (:math:`∇_a C`, or δ^L on logits), and a cost's jvp;
+- :mod:`~torchbp.equations.norms`: LayerNorm and RMSNorm (δ through the normalization's Jacobian, ∂C/∂γ, ∂C/∂β);
+- :mod:`~torchbp.equations.embedding`: the lookup's BP4, a scatter-add of δ into the rows used.
 
 ==============================  ==============================  ====================================
 symbol                          meaning                         here (batch-first rows)
@@ -36,7 +38,7 @@ from ._common import _divide as _divide
 from ._common import _number as _number
 from .activations import _select_by_bits as _select_by_bits
 from .activations import _times_a_one_minus_a as _times_a_one_minus_a
-from .activations import relu_backward, sigmoid_backward
+from .activations import gelu_backward, relu_backward, sigmoid_backward, silu_backward, tanh_backward
 from .costs import _bce_input_grad_in_one_buffer as _bce_input_grad_in_one_buffer
 from .costs import _difference_tangent as _difference_tangent
 from .costs import _directional_derivative as _directional_derivative
@@ -56,6 +58,15 @@ from .costs import (
 from .dense import conv1d_backward as conv1d_backward
 from .dense import conv1d_jvp as conv1d_jvp
 from .dense import linear_backward, linear_jvp
+from .embedding import embedding_backward, embedding_jvp
+from .norms import (
+    layer_norm_backward,
+    layer_norm_jvp,
+    layer_norm_statistics,
+    rms_norm_backward,
+    rms_norm_jvp,
+    rms_norm_statistics,
+)
 
 __all__ = [
     "linear_backward",
@@ -68,4 +79,15 @@ __all__ = [
     "binary_cross_entropy_backward",
     "binary_cross_entropy_with_logits_backward",
     "linear_jvp",
+    "gelu_backward",
+    "silu_backward",
+    "tanh_backward",
+    "layer_norm_backward",
+    "rms_norm_backward",
+    "embedding_backward",
+    "layer_norm_jvp",
+    "rms_norm_jvp",
+    "embedding_jvp",
+    "layer_norm_statistics",
+    "rms_norm_statistics",
 ]

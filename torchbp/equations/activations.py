@@ -6,6 +6,8 @@ trick (:func:`_select_by_bits`, :func:`_times_a_one_minus_a`) sits beside the pl
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -65,3 +67,36 @@ def _select_by_bits(grad: Tensor, a: Tensor) -> Tensor:
     """
     d_sigma = a.abs().view(_BITS[a.dtype]).clamp_(max=1)
     return d_sigma.mul_(grad.view(_BITS[a.dtype])).view(a.dtype)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_GELU_TANH_C = 0.044715
+
+
+def gelu_backward(grad: Tensor, z: Tensor, approximate: str = "none") -> Tensor:
+    r"""BP1/BP2's second half for GELU, :math:`∇_a C ⊙ σ'(z)`, from the input z.
+
+    ``'none'``, :math:`σ(z) = z Φ(z)`: :math:`σ'(z) = Φ(z) + z φ(z)` (Φ, φ the standard normal's CDF and density).
+    ``'tanh'``, :math:`σ(z) = \frac{z}{2}(1 + \tanh u)`, :math:`u = \sqrt{2/π}(z + 0.044715 z^3)`:
+    :math:`σ'(z) = \frac{1}{2}(1 + \tanh u) + \frac{z}{2}(1 − \tanh^2 u)\sqrt{2/π}(1 + 3 · 0.044715 z^2)`.
+    """
+    if approximate == "tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
+        d_sigma = 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z * z)
+    else:
+        cdf = 0.5 * (1 + torch.erf(z * math.sqrt(0.5)))  # Φ(z)
+        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))  # φ(z)
+        d_sigma = cdf + z * pdf
+    return grad * d_sigma  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+
+def silu_backward(grad: Tensor, z: Tensor) -> Tensor:
+    r"""BP1/BP2's second half for SiLU :math:`σ(z) = z\,s(z)`, s the logistic sigmoid:
+    :math:`σ'(z) = s(z)(1 + z(1 − s(z)))`, from the input z."""
+    s = torch.sigmoid(z)
+    return grad * (s * (1 + z * (1 - s)))  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+
+def tanh_backward(grad: Tensor, a: Tensor) -> Tensor:
+    r"""BP1/BP2's second half for tanh: :math:`σ'(z) = 1 − a^2`, from the output a."""
+    return grad * (1 - a * a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
