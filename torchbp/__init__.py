@@ -12,15 +12,21 @@
 from . import functional, nn
 from .monitor import DeltaMonitor
 from .nn import (
+    GELU,
     BCELoss,
     BCEWithLogitsLoss,
     CrossEntropyLoss,
+    Embedding,
+    LayerNorm,
     Linear,
     MSELoss,
     QuadraticCost,
     ReLU,
+    RMSNorm,
     Sequential,
     Sigmoid,
+    SiLU,
+    Tanh,
     convert,
 )
 
@@ -35,6 +41,12 @@ __all__ = [
     "Linear",
     "Sigmoid",
     "ReLU",
+    "GELU",
+    "SiLU",
+    "Tanh",
+    "LayerNorm",
+    "RMSNorm",
+    "Embedding",
     "MSELoss",
     "QuadraticCost",
     "CrossEntropyLoss",

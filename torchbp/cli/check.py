@@ -130,6 +130,38 @@ CASES: tuple[Case, ...] = (
     ),
     Case("sigmoid", bp.sigmoid, torch.sigmoid, lambda g: {"input": 3 * _randn(g, 4, 6)}, ("input",)),
     Case("relu", bp.relu, F.relu, _make_relu, ("input",), _relu_off_kink),
+    Case("gelu", bp.gelu, F.gelu, lambda g: {"input": 2 * _randn(g, 4, 6)}, ("input",)),
+    Case(
+        "gelu (tanh)",
+        lambda input: bp.gelu(input, approximate="tanh"),
+        lambda input: F.gelu(input, approximate="tanh"),
+        lambda g: {"input": 2 * _randn(g, 4, 6)},
+        ("input",),
+    ),
+    Case("silu", bp.silu, F.silu, lambda g: {"input": 2 * _randn(g, 4, 6)}, ("input",)),
+    Case("tanh", bp.tanh, torch.tanh, lambda g: {"input": 2 * _randn(g, 4, 6)}, ("input",)),
+    Case(
+        "layer_norm",
+        lambda input, weight, bias: bp.layer_norm(input, (6,), weight, bias),
+        lambda input, weight, bias: F.layer_norm(input, (6,), weight, bias),
+        # each sample's mean within a few std of 0: well conditioned
+        lambda g: {"input": 1 + _randn(g, 2, 3, 6), "weight": _randn(g, 6), "bias": _randn(g, 6)},
+        ("input", "weight", "bias"),
+    ),
+    Case(
+        "rms_norm",
+        lambda input, weight: bp.rms_norm(input, (6,), weight),
+        lambda input, weight: F.rms_norm(input, (6,), weight),
+        lambda g: {"input": _randn(g, 2, 3, 6), "weight": _randn(g, 6)},
+        ("input", "weight"),
+    ),
+    Case(
+        "embedding",
+        bp.embedding,
+        F.embedding,
+        lambda g: {"input": torch.randint(0, 7, (3, 5), generator=g), "weight": _randn(g, 7, 4)},
+        ("weight",),
+    ),
     Case(
         "mse_loss",
         bp.mse_loss,
