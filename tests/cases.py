@@ -307,6 +307,46 @@ case("embedding-max-norm", _emb, smooth=False, input=classes([[0, 2, 2], [2, 5, 
      padding_idx=fixed(None), max_norm=fixed(1.5))  # fmt: skip
 
 # --------------------------------------------------------------------------------------------------
+# conv1d, conv2d
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv(dims, M, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return getattr(M, f"conv{dims}d")(input, weight, bias, stride, padding, dilation, groups)
+
+
+c1, c2 = partial(_conv, 1), partial(_conv, 2)
+# (small shapes: gradgradcheck's cost grows with the square of the elements)
+case("conv1d-basic", c1, input=randn(2, 3, 7), weight=randn(2, 3, 3), bias=randn(2))
+case("conv1d-N1-no-bias", c1, input=randn(1, 3, 7), weight=randn(2, 3, 3))
+case("conv1d-N0", c1, input=randn(0, 3, 7), weight=randn(2, 3, 3), bias=randn(2))
+case("conv1d-unbatched", c1, input=randn(3, 7), weight=randn(2, 3, 3), bias=randn(2))
+case("conv1d-stride-padding-dilation", c1, input=randn(2, 2, 11), weight=randn(2, 2, 3), bias=randn(2),
+     stride=fixed(3), padding=fixed(2), dilation=fixed(2))  # fmt: skip
+case("conv1d-same-even-kernel", c1, input=randn(2, 2, 7), weight=randn(2, 2, 4), bias=randn(2),
+     stride=fixed(1), padding=fixed("same"), dilation=fixed(1))  # fmt: skip
+case("conv1d-groups", c1, input=randn(2, 4, 7), weight=randn(4, 2, 3), bias=randn(4), stride=fixed(2),
+     padding=fixed(1), dilation=fixed(1), groups=fixed(2))  # fmt: skip
+case("conv1d-depthwise", c1, input=randn(2, 3, 7), weight=randn(3, 1, 3), bias=randn(3), stride=fixed(1),
+     padding=fixed("same"), dilation=fixed(2), groups=fixed(3))  # fmt: skip
+case("conv2d-basic", c2, input=randn(2, 2, 5, 4), weight=randn(3, 2, 3, 2), bias=randn(3))
+case("conv2d-N0", c2, input=randn(0, 2, 5, 4), weight=randn(3, 2, 3, 2), bias=randn(3))
+case("conv2d-unbatched-no-bias", c2, input=randn(2, 5, 4), weight=randn(3, 2, 3, 3))
+case("conv2d-stride-padding-dilation", c2, input=randn(2, 2, 7, 6), weight=randn(2, 2, 3, 2), bias=randn(2),
+     stride=fixed((2, 3)), padding=fixed((1, 2)), dilation=fixed((2, 1)))  # fmt: skip
+case("conv2d-same", c2, input=randn(2, 2, 5, 4), weight=randn(2, 2, 4, 3), bias=randn(2), stride=fixed(1),
+     padding=fixed("same"), dilation=fixed((1, 2)))  # fmt: skip
+case("conv2d-valid", c2, input=randn(2, 2, 4, 4), weight=randn(2, 2, 3, 3), bias=randn(2), stride=fixed(1),
+     padding=fixed("valid"))  # fmt: skip
+case("conv2d-groups", c2, input=randn(2, 6, 4, 4), weight=randn(3, 2, 3, 3), bias=randn(3), stride=fixed(2),
+     padding=fixed(1), dilation=fixed(1), groups=fixed(3))  # fmt: skip
+case("conv2d-depthwise", c2, input=randn(1, 3, 5, 5), weight=randn(6, 1, 3, 3), bias=randn(6), stride=fixed(1),
+     padding=fixed(1), dilation=fixed(1), groups=fixed(3))  # fmt: skip
+case("conv2d-only-weight-grad", c2, input=randn(2, 2, 5, 4, grad=False), weight=randn(3, 2, 3, 2),
+     bias=randn(3, grad=False))  # fmt: skip
+case("conv2d-only-input-grad", c2, input=randn(2, 2, 5, 4), weight=randn(3, 2, 3, 2, grad=False))
+
+# --------------------------------------------------------------------------------------------------
 # mse_loss and quadratic_cost
 # --------------------------------------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ def _dual_tangent(M, case: Case, inputs: dict, tangents: dict):
 JVP_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 
 
-ACTIVATIONS = ("linear", "sigmoid", "relu", "gelu", "silu", "tanh", "layernorm", "rmsnorm", "embedding")
+ACTIVATIONS = ("linear", "sigmoid", "relu", "gelu", "silu", "tanh", "layernorm", "rmsnorm", "embedding", "conv")
 
 
 def _torch_jvp(case: Case, inputs: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +139,7 @@ SUBSET = [
     *("layernorm-3d", "layernorm-N0", "layernorm-shifted", "layernorm-no-bias", "layernorm-no-affine"),
     *("layernorm-2-dims", "rmsnorm-3d", "rmsnorm-shifted", "rmsnorm-no-affine", "rmsnorm-2-dims"),
     *("embedding-2d", "embedding-0d", "embedding-repeated"),
+    *("conv1d-groups", "conv2d-same"),
     *(f"mse-{r}-{k}" for r in ("mean", "sum", "none") for k in ("2d", "weight", "broadcast-input")),
     *("mse-mean-weight-input-shaped-target-broadcast", "mse-none-weight-broadcast-target"),
     *(f"quadratic-{r}-{k}" for r in ("mean", "sum", "none") for k in ("3d", "1d")),

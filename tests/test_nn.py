@@ -29,6 +29,8 @@ PAIRS = [
     (bnn.LayerNorm, nn.LayerNorm),
     (bnn.RMSNorm, nn.RMSNorm),
     (bnn.Embedding, nn.Embedding),
+    (bnn.Conv1d, nn.Conv1d),
+    (bnn.Conv2d, nn.Conv2d),
 ]
 PAIR_PARAMS = [pytest.param(ours, ref, id=ref.__name__) for ours, ref in PAIRS]
 
@@ -50,6 +52,17 @@ def _ctor(name: str, device="cpu", dtype=torch.float64):
         "BCELoss-weight": ((), {"weight": w, "reduction": "none"}),
         "BCEWithLogitsLoss": ((), {}),
         "BCEWithLogitsLoss-all": ((), {"weight": w, "pos_weight": 2 * w, "reduction": "sum"}),
+        "Conv1d": ((3, 4, 3), {"stride": 2, "padding": 1, "device": device, "dtype": dtype}),
+        "Conv1d-reflect": ((3, 4, 3), {"padding": 2, "padding_mode": "reflect", "device": device, "dtype": dtype}),
+        "Conv2d": ((4, 6, (3, 2)), {"groups": 2, "dilation": (2, 1), "device": device, "dtype": dtype}),
+        "Conv2d-same-circular": (
+            (3, 2, 4),
+            {"padding": "same", "padding_mode": "circular", "bias": False, "device": device, "dtype": dtype},
+        ),
+        "Conv2d-same-replicate": (
+            (3, 2, 3),
+            {"padding": "same", "padding_mode": "replicate", "device": device, "dtype": dtype},
+        ),  # fmt: skip
         "GELU": ((), {}),
         "GELU-tanh": ((), {"approximate": "tanh"}),
         "SiLU": ((), {}),
@@ -92,6 +105,11 @@ CONFIGS = [
     ("BCELoss-weight", bnn.BCELoss, nn.BCELoss),
     ("BCEWithLogitsLoss", bnn.BCEWithLogitsLoss, nn.BCEWithLogitsLoss),
     ("BCEWithLogitsLoss-all", bnn.BCEWithLogitsLoss, nn.BCEWithLogitsLoss),
+    ("Conv1d", bnn.Conv1d, nn.Conv1d),
+    ("Conv1d-reflect", bnn.Conv1d, nn.Conv1d),
+    ("Conv2d", bnn.Conv2d, nn.Conv2d),
+    ("Conv2d-same-circular", bnn.Conv2d, nn.Conv2d),
+    ("Conv2d-same-replicate", bnn.Conv2d, nn.Conv2d),
     ("GELU", bnn.GELU, nn.GELU),
     ("GELU-tanh", bnn.GELU, nn.GELU),
     ("SiLU", bnn.SiLU, nn.SiLU),
@@ -227,6 +245,10 @@ def _module_inputs(name, dtype, device):
         return {"input": torch.randn(2, 3, 5, **kw, requires_grad=True)}
     if name.startswith("Embedding"):
         return {"input": torch.tensor([[0, 1, 5], [5, 5, 6]], device=device)}
+    if name.startswith("Conv1d"):
+        return {"input": torch.randn(2, 3, 9, **kw, requires_grad=True)}
+    if name.startswith("Conv2d"):
+        return {"input": torch.randn(2, 3 if "same" in name else 4, 7, 6, **kw, requires_grad=True)}
     if name.startswith("RMSNorm"):
         return {"x": torch.randn(2, 3, 5, **kw, requires_grad=True)}
     if name.startswith("MSELoss"):
@@ -254,7 +276,9 @@ def test_module_matches_torch(name, ours_cls, ref_cls, dtype, device):
     if name.endswith("-inplace"):  # in place on a non-leaf, as inside a network
         assert_matches_torch(lambda input: ours(input * 1), lambda input: ref(input * 1), inputs)
         return
-    if isinstance(ref, (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)) and list(ref.parameters()):
+    if isinstance(ref, (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.Conv1d, nn.Conv2d)) and list(
+        ref.parameters()
+    ):
         # parameters as inputs, so their gradients are compared too (random ones: not the init's 1 and 0)
         params = dict(ref.named_parameters())
         inputs.update({k: torch.randn_like(v).requires_grad_() for k, v in params.items()})
@@ -541,15 +565,15 @@ def test_optimizer_built_before_convert_still_trains(device):
 
 def test_convert_warns_for_a_sequential_of_other_layers():
     """A Sequential holding no layer torchbp converts: the warning, and the model left exactly as it was."""
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus())
+    model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Softplus())
     with pytest.warns(UserWarning, match=r"found nothing to convert in Sequential: it converts torch\.nn\.Linear, "):
         assert torchbp.convert(model) is model
-    assert type(model) is nn.Sequential and [type(m) for m in model] == [nn.Conv2d, nn.Softplus]
-    nested = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Softplus())
+    assert type(model) is nn.Sequential and [type(m) for m in model] == [nn.Conv3d, nn.Softplus]
+    nested = nn.Sequential(nn.Sequential(nn.Conv3d(1, 2, 3)), nn.Softplus())
     with pytest.warns(UserWarning, match="found nothing to convert"):
         torchbp.convert(nested)
     assert type(nested) is nn.Sequential and type(nested[0]) is nn.Sequential
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a torchbp layer in it: no warning, the Sequential runs the loop
-        model = torchbp.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)))
+        model = torchbp.convert(nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)))
     assert type(model) is bnn.Sequential and type(model[2]) is bnn.Linear

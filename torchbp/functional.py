@@ -49,6 +49,7 @@ from .functions import (
     BCEFunction,
     BCEWithLogitsFunction,
     Conv1DFunction,
+    ConvFunction,
     CrossEntropyFunction,
     EmbeddingFunction,
     GELUFunction,
@@ -74,6 +75,8 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "embedding",
+    "conv1d",
+    "conv2d",
     "mse_loss",
     "quadratic_cost",
     "cross_entropy",
@@ -443,6 +446,78 @@ def embedding(
         with torch.no_grad():  # (on the values alone: torch's forward AD has no embedding_renorm_, ours needs none)
             torch.embedding_renorm_(weight.detach(), input.contiguous(), max_norm, norm_type)
     return _apply(EmbeddingFunction, input, weight, padding_idx, bool(scale_grad_by_freq))
+
+
+def _tuple(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _conv(dims: int, input, weight, bias, stride, padding, dilation, groups) -> Tensor:
+    """The convolution of :func:`conv1d` / :func:`conv2d`: string padding made numbers (an uneven ``'same'``
+    padding as an explicit zero pad, torch's extra element on the right), an unbatched input given a batch of 1."""
+    fn = f"conv{dims}d"
+    _checks.check_tensor(fn, "input", input)
+    _checks.check_tensor(fn, "weight", weight)
+    _checks.check_tensor(fn, "bias", bias, optional=True)
+    if input.dim() not in (dims + 1, dims + 2):
+        raise RuntimeError(
+            f"{fn}(): Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) input to {fn}, but got input of size: "
+            f"{list(input.shape)}"
+        )
+    stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
+    unbatched = input.dim() == dims + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise RuntimeError(f"{fn}(): Invalid padding string: {padding!r}; expected 'valid', 'same' or numbers")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise RuntimeError(f"{fn}(): padding='same' is not supported for strided convolutions; use stride=1")
+        total = [0] * dims
+        if padding == "same" and weight.dim() == dims + 2:
+            total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(t % 2 for t in total):  # (uneven: one more on the right, as torch's)
+            pad = [x for t in reversed(total) for x in (t // 2, t - t // 2)]
+            input, total = torch.nn.functional.pad(input, pad), [0] * dims
+        padding = tuple(t // 2 for t in total)
+    else:
+        padding = _tuple(padding, dims)
+    input, weight, bias = _autocast(None, input, weight, bias)
+    z = _apply(ConvFunction, input, weight, bias, stride, padding, dilation, groups)
+    return z.squeeze(0) if unbatched else z
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
+    r"""A 1-D convolution :math:`z = w ⋆ a + b`, as :func:`torch.nn.functional.conv1d` (zero padding).
+
+    Backward (:func:`torchbp.equations.conv.conv_backward`): BP2 as a transposed convolution of δ with the kernel,
+    BP4 as a convolution of the input with δ, BP3 as δ summed over the batch and the positions.
+
+    Args:
+        input: ``(N, C_in, L)`` or ``(C_in, L)``.
+        weight: ``(C_out, C_in / groups, k)``.
+        bias: ``(C_out,)``. Default: ``None``.
+        stride, dilation: an int or a 1-tuple. Default: 1.
+        padding: an int, a 1-tuple, ``'valid'`` or ``'same'``. Default: 0.
+        groups: the number of blocked connections from input to output channels. Default: 1.
+    """
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
+    r"""A 2-D convolution :math:`z = w ⋆ a + b`, as :func:`torch.nn.functional.conv2d` (zero padding).
+
+    Backward as :func:`conv1d`'s.
+
+    Args:
+        input: ``(N, C_in, H, W)`` or ``(C_in, H, W)``.
+        weight: ``(C_out, C_in / groups, kH, kW)``.
+        bias: ``(C_out,)``. Default: ``None``.
+        stride, dilation: an int or a 2-tuple. Default: 1.
+        padding: an int, a 2-tuple, ``'valid'`` or ``'same'``. Default: 0.
+        groups: the number of blocked connections from input to output channels. Default: 1.
+    """
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups)
 
 
 def mse_loss(

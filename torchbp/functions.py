@@ -25,6 +25,8 @@ from .equations import (
     binary_cross_entropy_with_logits_backward,
     conv1d_backward,
     conv1d_jvp,
+    conv_backward,
+    conv_jvp,
     cross_entropy_backward,
     cross_entropy_log_p_backward,
     embedding_backward,
@@ -58,6 +60,7 @@ __all__ = [
     "LayerNormFunction",
     "RMSNormFunction",
     "EmbeddingFunction",
+    "ConvFunction",
     "MSELossFunction",
     "QuadraticCostFunction",
     "CrossEntropyFunction",
@@ -480,6 +483,40 @@ class EmbeddingFunction(HandWrittenFunction):
         return embedding_jvp(indices, d_weight)  # dy = dE[i]
 
 
+class ConvFunction(HandWrittenFunction):
+    r"""z = w ⋆ a + b, ``nn.Conv1d``'s and ``nn.Conv2d``'s batched convolution (zero padding, a number per dim);
+    backward is :func:`conv_backward`: BP2 as a transposed convolution of δ with the kernel, BP4 as a convolution of
+    the input with δ, BP3 as δ summed over the batch and the positions. Saves a (for BP4) and w (for BP2) only when
+    their gradient is asked for. Forward mode: dz = w ⋆ da + dw ⋆ a + db (:func:`conv_jvp`).
+    """
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups):
+        return (F.conv1d if weight.dim() == 3 else F.conv2d)(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups = inputs
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Save only what a requested gradient needs: BP2 needs w (and a's shape), BP4 needs a (and w's shape).
+        _save(ctx, (input if need_weight else None, weight if need_input else None), (input, weight))
+        ctx.options = stride, padding, dilation, groups
+        ctx.shapes = tuple(input.shape), tuple(weight.shape)
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, delta: Tensor):  # delta = δ = ∂C/∂z
+        input, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = conv_backward(delta, input, weight, *ctx.options, need[0], need[1], need[2], *ctx.shapes)
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, *_options):
+        input, weight = ctx.saved_tensors
+        return conv_jvp(input, weight, *ctx.options, d_input, d_weight, d_bias)  # dz = w ⋆ da + dw ⋆ a + db
+
+
 class MSELossFunction(HandWrittenFunction):
     r"""C = reduce(w (a − y)^2): ``mean`` divides by the number of elements (by Σw when weighted).
 
@@ -713,6 +750,7 @@ _TRACEABLE = {
         LayerNormFunction,
         RMSNormFunction,
         EmbeddingFunction,
+        ConvFunction,
         MSELossFunction,
         QuadraticCostFunction,
         CrossEntropyFunction,

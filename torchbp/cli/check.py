@@ -156,6 +156,20 @@ CASES: tuple[Case, ...] = (
         ("input", "weight"),
     ),
     Case(
+        "conv1d",
+        lambda input, weight, bias: bp.conv1d(input, weight, bias, stride=2, padding=1),
+        lambda input, weight, bias: F.conv1d(input, weight, bias, stride=2, padding=1),
+        lambda g: {"input": _randn(g, 2, 3, 9), "weight": _randn(g, 4, 3, 3), "bias": _randn(g, 4)},
+        ("input", "weight", "bias"),
+    ),
+    Case(
+        "conv2d",
+        lambda input, weight, bias: bp.conv2d(input, weight, bias, padding=1, groups=2),
+        lambda input, weight, bias: F.conv2d(input, weight, bias, padding=1, groups=2),
+        lambda g: {"input": _randn(g, 2, 4, 5, 5), "weight": _randn(g, 4, 2, 3, 3), "bias": _randn(g, 4)},
+        ("input", "weight", "bias"),
+    ),
+    Case(
         "embedding",
         bp.embedding,
         F.embedding,

@@ -8,7 +8,8 @@ Functions (:mod:`torchbp.functions`) and the backprop loop (:mod:`torchbp.backpr
 - :mod:`~torchbp.equations.activations`: BP1/BP2's second half, :math:`⊙ σ'(z)`;
 - :mod:`~torchbp.equations.costs`: each cost's BP1 (:math:`∇_a C`, or δ^L on logits), and a cost's jvp;
 - :mod:`~torchbp.equations.norms`: LayerNorm and RMSNorm (δ through the normalization's Jacobian, ∂C/∂γ, ∂C/∂β);
-- :mod:`~torchbp.equations.embedding`: the lookup's BP4, a scatter-add of δ into the rows used.
+- :mod:`~torchbp.equations.embedding`: the lookup's BP4, a scatter-add of δ into the rows used;
+- :mod:`~torchbp.equations.conv`: ``nn.Conv1d``/``Conv2d``, BP2 as a transposed convolution, BP4 as a convolution.
 
 ==============================  ==============================  ====================================
 symbol                          meaning                         here (batch-first rows)
@@ -39,6 +40,7 @@ from ._common import _number as _number
 from .activations import _select_by_bits as _select_by_bits
 from .activations import _times_a_one_minus_a as _times_a_one_minus_a
 from .activations import gelu_backward, relu_backward, sigmoid_backward, silu_backward, tanh_backward
+from .conv import conv_backward, conv_jvp
 from .costs import _bce_input_grad_in_one_buffer as _bce_input_grad_in_one_buffer
 from .costs import _difference_tangent as _difference_tangent
 from .costs import _directional_derivative as _directional_derivative
@@ -88,6 +90,8 @@ __all__ = [
     "layer_norm_jvp",
     "rms_norm_jvp",
     "embedding_jvp",
+    "conv_backward",
+    "conv_jvp",
     "layer_norm_statistics",
     "rms_norm_statistics",
 ]
