@@ -192,6 +192,160 @@ for name, fn in (("sigmoid", _sigmoid), ("relu", _relu), ("relu-inplace", _relu_
 case("relu-at-zero", _relu, smooth=False, input=const([-1.0, 0.0, -0.0, 0.0, 2.0]))
 case("relu-inplace-at-zero", _relu_inplace, smooth=False, input=const([-1.0, 0.0, -0.0, 0.0, 2.0]))
 
+# The activations of transformers: GELU (both approximations), SiLU, tanh.
+
+
+def _gelu(approximate, M, input):
+    return M.gelu(input, approximate=approximate)
+
+
+def _silu(M, input):
+    return M.silu(input)
+
+
+def _silu_inplace(M, input):
+    return M.silu(input * 1, inplace=True)  # in place on a non-leaf, as inside a network
+
+
+def _tanh(M, input):
+    return M.tanh(input)
+
+
+for name, fn in (
+    ("gelu", partial(_gelu, "none")),
+    ("gelu_tanh", partial(_gelu, "tanh")),
+    ("silu", _silu),
+    ("silu_inplace", _silu_inplace),
+    ("tanh", _tanh),
+):
+    case(f"{name}-2d", fn, input=randn(4, 3, scale=2.0))
+    case(f"{name}-0d", fn, input=randn())
+    case(f"{name}-3d", fn, input=randn(2, 3, 4, scale=2.0))
+    case(f"{name}-N1", fn, input=randn(1, 3))
+    case(f"{name}-N0", fn, input=randn(0, 3))
+    case(f"{name}-transposed", fn, input=randn(4, 3, layout="T"))
+    case(f"{name}-extreme", fn, smooth=False, input=const(EXTREME_PRE))
+case("gelu-at-zero", partial(_gelu, "none"), smooth=False, input=const([0.0, -0.0, 1e-300, -1e-300]))
+
+# --------------------------------------------------------------------------------------------------
+# layer_norm, rms_norm. Well-conditioned inputs: each sample's |mean| <= 10 std (randn: |mean| ~ std / sqrt(n);
+# "shifted": mean 5, std 1), so the float64 comparison holds at rel 1e-12.
+# --------------------------------------------------------------------------------------------------
+
+
+def shifted(*shape: int, mean: float = 5.0) -> Maker:
+    """randn(*shape) + mean: a norm's input far from zero mean (|mean| = 5 std)."""
+
+    def make(dtype, device):
+        return (torch.randn(shape, dtype=torch.float64) + mean).to(dtype=dtype, device=device).requires_grad_()
+
+    return make
+
+
+def _ln(normalized_shape, M, input, weight=None, bias=None, eps=1e-5):
+    return M.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _rms(normalized_shape, M, input, weight=None, eps=None):
+    return M.rms_norm(input, normalized_shape, weight, eps)
+
+
+ln, ln2, rms, rms2 = partial(_ln, (5,)), partial(_ln, (3, 5)), partial(_rms, (5,)), partial(_rms, (3, 5))
+case("layernorm-2d", ln, input=randn(4, 5), weight=randn(5), bias=randn(5))
+case("layernorm-3d", ln, input=randn(2, 3, 5), weight=randn(5), bias=randn(5))
+case("layernorm-1d", ln, input=randn(5), weight=randn(5), bias=randn(5))
+case("layernorm-N1", ln, input=randn(1, 5), weight=randn(5), bias=randn(5))
+case("layernorm-N0", ln, input=randn(0, 5), weight=randn(5), bias=randn(5))
+case("layernorm-shifted", ln, input=shifted(4, 5), weight=randn(5), bias=randn(5))
+case("layernorm-no-affine", ln, input=randn(4, 5))
+case("layernorm-no-bias", ln, input=randn(2, 3, 5), weight=randn(5), bias=fixed(None))
+case("layernorm-eps", ln, input=randn(4, 5), weight=randn(5), bias=randn(5), eps=fixed(0.1))
+case("layernorm-2-dims", ln2, input=randn(2, 3, 5), weight=randn(3, 5), bias=randn(3, 5))
+case("layernorm-2-dims-4d", ln2, input=randn(2, 2, 3, 5), weight=randn(3, 5), bias=randn(3, 5))
+case("layernorm-transposed", ln, input=randn(4, 5, layout="T"), weight=randn(5), bias=randn(5))
+case("layernorm-only-weight-grad", ln, input=randn(4, 5, grad=False), weight=randn(5), bias=randn(5, grad=False))
+case("rmsnorm-2d", rms, input=randn(4, 5), weight=randn(5))
+case("rmsnorm-3d", rms, input=randn(2, 3, 5), weight=randn(5))
+case("rmsnorm-1d", rms, input=randn(5), weight=randn(5))
+case("rmsnorm-N1", rms, input=randn(1, 5), weight=randn(5))
+case("rmsnorm-N0", rms, input=randn(0, 5), weight=randn(5))
+case("rmsnorm-shifted", rms, input=shifted(4, 5), weight=randn(5))
+case("rmsnorm-no-affine", rms, input=randn(4, 5))
+case("rmsnorm-eps", rms, input=randn(4, 5), weight=randn(5), eps=fixed(0.1))
+case("rmsnorm-2-dims", rms2, input=randn(2, 3, 5), weight=randn(3, 5))
+case("rmsnorm-transposed", rms, input=randn(4, 5, layout="T"), weight=randn(5))
+case("rmsnorm-only-input-grad", rms, input=randn(4, 5), weight=randn(5, grad=False))
+
+# --------------------------------------------------------------------------------------------------
+# embedding
+# --------------------------------------------------------------------------------------------------
+
+
+def _emb(M, input, weight, padding_idx=None, max_norm=None, scale_grad_by_freq=False):
+    return M.embedding(input, weight, padding_idx, max_norm, scale_grad_by_freq=scale_grad_by_freq)
+
+
+E = randn(7, 4)
+case("embedding-1d", _emb, input=index(7, 9), weight=E)
+case("embedding-2d", _emb, input=index(7, 3, 5), weight=E)
+case("embedding-0d", _emb, input=index(7), weight=E)
+case("embedding-N0", _emb, input=index(7, 0, 5), weight=E)
+case("embedding-int32", _emb, input=index(7, 3, 5, dtype=torch.int32), weight=E)
+case("embedding-repeated", _emb, input=classes([[1, 1, 1], [1, 3, 1]]), weight=E)
+case("embedding-transposed", _emb, input=index(7, 3, 5), weight=randn(7, 4, layout="T"))
+# padding_idx: torch's gradient leaves the padding row at 0, and scale_grad_by_freq divides by each index's count (by
+# definition, not the derivative: no gradcheck)
+case("embedding-padding", _emb, smooth=False, input=classes([[0, 2, 2], [2, 5, 6]]), weight=E, padding_idx=fixed(2))
+case("embedding-padding-negative", _emb, smooth=False, input=classes([[0, 6, 2], [6, 5, 6]]), weight=E,
+     padding_idx=fixed(-1))  # fmt: skip
+case("embedding-scale-grad-by-freq", _emb, smooth=False, input=classes([[0, 2, 2], [2, 5, 0]]), weight=E, padding_idx=fixed(None),
+     max_norm=fixed(None), scale_grad_by_freq=fixed(True))  # fmt: skip
+case("embedding-padding-scale-grad-by-freq", _emb, smooth=False, input=classes([[0, 2, 2], [2, 5, 0]]), weight=E,
+     padding_idx=fixed(0), max_norm=fixed(None), scale_grad_by_freq=fixed(True))  # fmt: skip
+# max_norm renormalizes the rows looked up, in place, before the lookup (not differentiated: no gradcheck)
+case("embedding-max-norm", _emb, smooth=False, input=classes([[0, 2, 2], [2, 5, 0]]), weight=randn(7, 4, scale=3.0),
+     padding_idx=fixed(None), max_norm=fixed(1.5))  # fmt: skip
+
+# --------------------------------------------------------------------------------------------------
+# conv1d, conv2d
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv(dims, M, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return getattr(M, f"conv{dims}d")(input, weight, bias, stride, padding, dilation, groups)
+
+
+c1, c2 = partial(_conv, 1), partial(_conv, 2)
+# (small shapes: gradgradcheck's cost grows with the square of the elements)
+case("conv1d-basic", c1, input=randn(2, 3, 7), weight=randn(2, 3, 3), bias=randn(2))
+case("conv1d-N1-no-bias", c1, input=randn(1, 3, 7), weight=randn(2, 3, 3))
+case("conv1d-N0", c1, input=randn(0, 3, 7), weight=randn(2, 3, 3), bias=randn(2))
+case("conv1d-unbatched", c1, input=randn(3, 7), weight=randn(2, 3, 3), bias=randn(2))
+case("conv1d-stride-padding-dilation", c1, input=randn(2, 2, 11), weight=randn(2, 2, 3), bias=randn(2),
+     stride=fixed(3), padding=fixed(2), dilation=fixed(2))  # fmt: skip
+case("conv1d-same-even-kernel", c1, input=randn(2, 2, 7), weight=randn(2, 2, 4), bias=randn(2),
+     stride=fixed(1), padding=fixed("same"), dilation=fixed(1))  # fmt: skip
+case("conv1d-groups", c1, input=randn(2, 4, 7), weight=randn(4, 2, 3), bias=randn(4), stride=fixed(2),
+     padding=fixed(1), dilation=fixed(1), groups=fixed(2))  # fmt: skip
+case("conv1d-depthwise", c1, input=randn(2, 3, 7), weight=randn(3, 1, 3), bias=randn(3), stride=fixed(1),
+     padding=fixed("same"), dilation=fixed(2), groups=fixed(3))  # fmt: skip
+case("conv2d-basic", c2, input=randn(2, 2, 5, 4), weight=randn(3, 2, 3, 2), bias=randn(3))
+case("conv2d-N0", c2, input=randn(0, 2, 5, 4), weight=randn(3, 2, 3, 2), bias=randn(3))
+case("conv2d-unbatched-no-bias", c2, input=randn(2, 5, 4), weight=randn(3, 2, 3, 3))
+case("conv2d-stride-padding-dilation", c2, input=randn(2, 2, 7, 6), weight=randn(2, 2, 3, 2), bias=randn(2),
+     stride=fixed((2, 3)), padding=fixed((1, 2)), dilation=fixed((2, 1)))  # fmt: skip
+case("conv2d-same", c2, input=randn(2, 2, 5, 4), weight=randn(2, 2, 4, 3), bias=randn(2), stride=fixed(1),
+     padding=fixed("same"), dilation=fixed((1, 2)))  # fmt: skip
+case("conv2d-valid", c2, input=randn(2, 2, 4, 4), weight=randn(2, 2, 3, 3), bias=randn(2), stride=fixed(1),
+     padding=fixed("valid"))  # fmt: skip
+case("conv2d-groups", c2, input=randn(2, 6, 4, 4), weight=randn(3, 2, 3, 3), bias=randn(3), stride=fixed(2),
+     padding=fixed(1), dilation=fixed(1), groups=fixed(3))  # fmt: skip
+case("conv2d-depthwise", c2, input=randn(1, 3, 5, 5), weight=randn(6, 1, 3, 3), bias=randn(6), stride=fixed(1),
+     padding=fixed(1), dilation=fixed(1), groups=fixed(3))  # fmt: skip
+case("conv2d-only-weight-grad", c2, input=randn(2, 2, 5, 4, grad=False), weight=randn(3, 2, 3, 2),
+     bias=randn(3, grad=False))  # fmt: skip
+case("conv2d-only-input-grad", c2, input=randn(2, 2, 5, 4), weight=randn(3, 2, 3, 2, grad=False))
+
 # --------------------------------------------------------------------------------------------------
 # mse_loss and quadratic_cost
 # --------------------------------------------------------------------------------------------------

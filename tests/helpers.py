@@ -44,12 +44,36 @@ torch_ref = SimpleNamespace(
     linear=F.linear,
     sigmoid=torch.sigmoid,
     relu=F.relu,
+    gelu=F.gelu,
+    silu=F.silu,
+    tanh=torch.tanh,
+    layer_norm=F.layer_norm,
+    rms_norm=F.rms_norm,
+    embedding=F.embedding,
+    conv1d=F.conv1d,
+    conv2d=F.conv2d,
     mse_loss=F.mse_loss,
     quadratic_cost=quadratic_cost_formula,
     cross_entropy=F.cross_entropy,
     binary_cross_entropy=F.binary_cross_entropy,
     binary_cross_entropy_with_logits=F.binary_cross_entropy_with_logits,
 )
+
+
+def layer_norm_formula(input: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm written with plain torch ops: (x − μ)/√(var(x) + ε) · γ + β over the last dims (biased variance).
+
+    The reference for LayerNorm's Hessian: torch 2.13's ``torch.func.hessian`` of ``F.layer_norm`` gives an
+    asymmetric block ∂²C/∂γ∂x ≠ (∂²C/∂x∂γ)ᵀ for inputs with two or more batch dims and a bias (its
+    native_layer_norm double backward under torch.func), while this formula's is symmetric and agrees with
+    finite differences.
+    """
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    y = (input - mean) / torch.sqrt((input - mean).pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
 
 
 def leaf_copy(x: Any) -> Any:

@@ -36,8 +36,8 @@ def test_convert_warns_when_it_converts_nothing():
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = torch.nn.Conv1d(2, 2, 3)
-            self.act = torch.nn.Tanh()
+            self.conv = torch.nn.Conv3d(2, 2, 3)
+            self.act = torch.nn.Softplus()
 
     with pytest.warns(UserWarning, match=r"found nothing to convert in Net: it converts torch\.nn\.Linear, ") as record:
         assert isinstance(torchbp.convert(Net()), Net)

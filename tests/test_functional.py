@@ -32,13 +32,22 @@ def test_case_ids_unique():
 def test_every_function_is_covered():
     """Each public function of torchbp.functional has cases here."""
     covered = {name.split("-")[0] for name in (c.id for c in CASES)}
-    short = {"linear", "sigmoid", "relu", "mse", "quadratic", "ce", "bce", "bcel"}
+    short = {"linear", "sigmoid", "relu", "gelu", "gelu_tanh", "silu", "silu_inplace", "tanh", "layernorm", "rmsnorm"}
+    short |= {"embedding", "conv1d", "conv2d", "mse", "quadratic", "ce", "bce", "bcel"}
     assert covered >= short
     public = {n for n in BF.__all__ if not n[0].isupper() and not n.endswith("_backward")}
     assert public == {
         "linear",
         "sigmoid",
         "relu",
+        "gelu",
+        "silu",
+        "tanh",
+        "layer_norm",
+        "rms_norm",
+        "embedding",
+        "conv1d",
+        "conv2d",
         "mse_loss",
         "quadratic_cost",
         "cross_entropy",

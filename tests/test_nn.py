@@ -23,6 +23,14 @@ PAIRS = [
     (bnn.CrossEntropyLoss, nn.CrossEntropyLoss),
     (bnn.BCELoss, nn.BCELoss),
     (bnn.BCEWithLogitsLoss, nn.BCEWithLogitsLoss),
+    (bnn.GELU, nn.GELU),
+    (bnn.SiLU, nn.SiLU),
+    (bnn.Tanh, nn.Tanh),
+    (bnn.LayerNorm, nn.LayerNorm),
+    (bnn.RMSNorm, nn.RMSNorm),
+    (bnn.Embedding, nn.Embedding),
+    (bnn.Conv1d, nn.Conv1d),
+    (bnn.Conv2d, nn.Conv2d),
 ]
 PAIR_PARAMS = [pytest.param(ours, ref, id=ref.__name__) for ours, ref in PAIRS]
 
@@ -44,6 +52,42 @@ def _ctor(name: str, device="cpu", dtype=torch.float64):
         "BCELoss-weight": ((), {"weight": w, "reduction": "none"}),
         "BCEWithLogitsLoss": ((), {}),
         "BCEWithLogitsLoss-all": ((), {"weight": w, "pos_weight": 2 * w, "reduction": "sum"}),
+        "Conv1d": ((3, 4, 3), {"stride": 2, "padding": 1, "device": device, "dtype": dtype}),
+        "Conv1d-reflect": ((3, 4, 3), {"padding": 2, "padding_mode": "reflect", "device": device, "dtype": dtype}),
+        "Conv2d": ((4, 6, (3, 2)), {"groups": 2, "dilation": (2, 1), "device": device, "dtype": dtype}),
+        "Conv2d-same-circular": (
+            (3, 2, 4),
+            {"padding": "same", "padding_mode": "circular", "bias": False, "device": device, "dtype": dtype},
+        ),
+        "Conv2d-same-replicate": (
+            (3, 2, 3),
+            {"padding": "same", "padding_mode": "replicate", "device": device, "dtype": dtype},
+        ),  # fmt: skip
+        "GELU": ((), {}),
+        "GELU-tanh": ((), {"approximate": "tanh"}),
+        "SiLU": ((), {}),
+        "SiLU-inplace": ((), {"inplace": True}),
+        "Tanh": ((), {}),
+        "LayerNorm": ((5,), {"device": device, "dtype": dtype}),
+        "LayerNorm-2-dims": (((3, 5),), {"eps": 1e-3, "device": device, "dtype": dtype}),
+        "LayerNorm-no-bias": ((5,), {"bias": False, "device": device, "dtype": dtype}),
+        "LayerNorm-no-affine": ((5,), {"elementwise_affine": False, "device": device, "dtype": dtype}),
+        "RMSNorm": ((5,), {"device": device, "dtype": dtype}),
+        "RMSNorm-2-dims": (([3, 5],), {"eps": 1e-3, "device": device, "dtype": dtype}),
+        "RMSNorm-no-affine": ((5,), {"elementwise_affine": False, "device": device, "dtype": dtype}),
+        "Embedding": ((7, 5), {"device": device, "dtype": dtype}),
+        "Embedding-padding": ((7, 5), {"padding_idx": 1, "device": device, "dtype": dtype}),
+        "Embedding-all": (
+            (7, 5),
+            {
+                "padding_idx": -2,
+                "max_norm": 1.0,
+                "norm_type": 1.5,
+                "scale_grad_by_freq": True,
+                "device": device,
+                "dtype": dtype,
+            },
+        ),  # fmt: skip
     }[name]
 
 
@@ -61,6 +105,26 @@ CONFIGS = [
     ("BCELoss-weight", bnn.BCELoss, nn.BCELoss),
     ("BCEWithLogitsLoss", bnn.BCEWithLogitsLoss, nn.BCEWithLogitsLoss),
     ("BCEWithLogitsLoss-all", bnn.BCEWithLogitsLoss, nn.BCEWithLogitsLoss),
+    ("Conv1d", bnn.Conv1d, nn.Conv1d),
+    ("Conv1d-reflect", bnn.Conv1d, nn.Conv1d),
+    ("Conv2d", bnn.Conv2d, nn.Conv2d),
+    ("Conv2d-same-circular", bnn.Conv2d, nn.Conv2d),
+    ("Conv2d-same-replicate", bnn.Conv2d, nn.Conv2d),
+    ("GELU", bnn.GELU, nn.GELU),
+    ("GELU-tanh", bnn.GELU, nn.GELU),
+    ("SiLU", bnn.SiLU, nn.SiLU),
+    ("SiLU-inplace", bnn.SiLU, nn.SiLU),
+    ("Tanh", bnn.Tanh, nn.Tanh),
+    ("LayerNorm", bnn.LayerNorm, nn.LayerNorm),
+    ("LayerNorm-2-dims", bnn.LayerNorm, nn.LayerNorm),
+    ("LayerNorm-no-bias", bnn.LayerNorm, nn.LayerNorm),
+    ("LayerNorm-no-affine", bnn.LayerNorm, nn.LayerNorm),
+    ("RMSNorm", bnn.RMSNorm, nn.RMSNorm),
+    ("RMSNorm-2-dims", bnn.RMSNorm, nn.RMSNorm),
+    ("RMSNorm-no-affine", bnn.RMSNorm, nn.RMSNorm),
+    ("Embedding", bnn.Embedding, nn.Embedding),
+    ("Embedding-padding", bnn.Embedding, nn.Embedding),
+    ("Embedding-all", bnn.Embedding, nn.Embedding),
 ]
 CONFIG_PARAMS = [pytest.param(name, ours, ref, id=name) for name, ours, ref in CONFIGS]
 
@@ -88,6 +152,12 @@ def test_public_names():
 @pytest.mark.parametrize("ours_cls, ref_cls", PAIR_PARAMS)
 def test_constructor_signature(ours_cls, ref_cls):
     assert inspect.signature(ours_cls) == inspect.signature(ref_cls)
+
+
+@pytest.mark.parametrize("ours_cls, ref_cls", PAIR_PARAMS)
+def test_forward_signature(ours_cls, ref_cls):
+    """The same argument names as torch's forward (a call by keyword works on both)."""
+    assert list(inspect.signature(ours_cls.forward).parameters) == list(inspect.signature(ref_cls.forward).parameters)
 
 
 def test_quadratic_cost_constructor():
@@ -171,8 +241,16 @@ def _module_inputs(name, dtype, device):
     kw = {"dtype": dtype, "device": device}
     if name.startswith("Linear"):
         return {"input": torch.randn(2, 3, 4, **kw, requires_grad=True)}
-    if name in ("Sigmoid", "ReLU", "ReLU-inplace"):
-        return {"input": torch.randn(3, 5, **kw, requires_grad=True)}
+    if name.split("-")[0] in ("Sigmoid", "ReLU", "GELU", "SiLU", "Tanh", "LayerNorm"):
+        return {"input": torch.randn(2, 3, 5, **kw, requires_grad=True)}
+    if name.startswith("Embedding"):
+        return {"input": torch.tensor([[0, 1, 5], [5, 5, 6]], device=device)}
+    if name.startswith("Conv1d"):
+        return {"input": torch.randn(2, 3, 9, **kw, requires_grad=True)}
+    if name.startswith("Conv2d"):
+        return {"input": torch.randn(2, 3 if "same" in name else 4, 7, 6, **kw, requires_grad=True)}
+    if name.startswith("RMSNorm"):
+        return {"x": torch.randn(2, 3, 5, **kw, requires_grad=True)}
     if name.startswith("MSELoss"):
         return {
             "input": torch.randn(3, 5, **kw, requires_grad=True),
@@ -195,17 +273,18 @@ def _module_inputs(name, dtype, device):
 def test_module_matches_torch(name, ours_cls, ref_cls, dtype, device):
     ours, ref = _build_pair(name, ours_cls, ref_cls, device, dtype)
     inputs = _module_inputs(name, dtype, device)
-    if name == "ReLU-inplace":  # in place on a non-leaf, as inside a network
+    if name.endswith("-inplace"):  # in place on a non-leaf, as inside a network
         assert_matches_torch(lambda input: ours(input * 1), lambda input: ref(input * 1), inputs)
         return
-    if isinstance(ref, nn.Linear):  # parameters as inputs, so their gradients are compared too
-        params = {"weight": ref.weight}
-        if ref.bias is not None:
-            params["bias"] = ref.bias
-        inputs.update({k: v.detach().requires_grad_() for k, v in params.items()})
+    if isinstance(ref, (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.Conv1d, nn.Conv2d)) and list(
+        ref.parameters()
+    ):
+        # parameters as inputs, so their gradients are compared too (random ones: not the init's 1 and 0)
+        params = dict(ref.named_parameters())
+        inputs.update({k: torch.randn_like(v).requires_grad_() for k, v in params.items()})
 
         def call(module):
-            return lambda input, **p: functional_call(module, p, (input,))
+            return lambda **kw: functional_call(module, {k: kw.pop(k) for k in list(params)}, tuple(kw.values()))
 
         assert_matches_torch(call(ours), call(ref), inputs)
         return
@@ -430,10 +509,10 @@ def test_convert_leaves_subclasses_alone():
     class MyReLU(nn.ReLU):
         pass
 
-    model = nn.Sequential(MyLinear(3, 3), MyReLU(), nn.Linear(3, 2), nn.Tanh())
+    model = nn.Sequential(MyLinear(3, 3), MyReLU(), nn.Linear(3, 2), nn.Softplus())
     torchbp.convert(model)
     assert type(model[0]) is MyLinear and type(model[1]) is MyReLU
-    assert type(model[2]) is bnn.Linear and type(model[3]) is nn.Tanh
+    assert type(model[2]) is bnn.Linear and type(model[3]) is nn.Softplus
     x = torch.randn(2, 3)
     torch.testing.assert_close(model[0](x), nn.functional.linear(x, model[0].weight, model[0].bias) * 2)
 
@@ -486,15 +565,15 @@ def test_optimizer_built_before_convert_still_trains(device):
 
 def test_convert_warns_for_a_sequential_of_other_layers():
     """A Sequential holding no layer torchbp converts: the warning, and the model left exactly as it was."""
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh())
+    model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Softplus())
     with pytest.warns(UserWarning, match=r"found nothing to convert in Sequential: it converts torch\.nn\.Linear, "):
         assert torchbp.convert(model) is model
-    assert type(model) is nn.Sequential and [type(m) for m in model] == [nn.Conv2d, nn.Tanh]
-    nested = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Tanh())
+    assert type(model) is nn.Sequential and [type(m) for m in model] == [nn.Conv3d, nn.Softplus]
+    nested = nn.Sequential(nn.Sequential(nn.Conv3d(1, 2, 3)), nn.Softplus())
     with pytest.warns(UserWarning, match="found nothing to convert"):
         torchbp.convert(nested)
     assert type(nested) is nn.Sequential and type(nested[0]) is nn.Sequential
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a torchbp layer in it: no warning, the Sequential runs the loop
-        model = torchbp.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)))
+        model = torchbp.convert(nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)))
     assert type(model) is bnn.Sequential and type(model[2]) is bnn.Linear

@@ -2,7 +2,7 @@
 to the tagged line of each equation.
 
 A code link is a Markdown link to a file or folder under ``torchbp/``. When its text is a name in backticks,
-e.g. ``[`linear_backward`](torchbp/equations.py)``, that name (the last part of a dotted one) must be defined
+e.g. ``[`linear_backward`](torchbp/equations/dense.py)``, that name (the last part of a dotted one) must be defined
 in the file (``def name`` / ``class name``), or in one of the folder's ``.py`` files; a link to a line number
 (``#L123``) is refused, since lines move. Every other relative link (docs pages, pictures, scripts) must
 resolve to a file or folder of the repository.
@@ -23,8 +23,8 @@ _LINK = re.compile(r"!?\[([^\]]*)\]\(([^)\s]+)\)")
 _NAME = re.compile(r"^`([A-Za-z_][A-Za-z0-9_.]*)`$")
 _LINE_ANCHOR = re.compile(r"#L\d+")
 #: In the equation table: a link to an equation function followed by the tag of its line, e.g.
-#: [`linear_backward`](torchbp/equations.py) `# BP4`
-_EQUATION = re.compile(r"\[`(\w+)`\]\(torchbp/equations\.py\)\s*`(# BP[^`]*)`")
+#: [`linear_backward`](torchbp/equations/dense.py) `# BP4` (a file of the torchbp/equations/ package, one per family)
+_EQUATION = re.compile(r"\[`(\w+)`\]\((torchbp/equations/\w+\.py)\)\s*`(# BP[^`]*)`")
 
 
 def pages(root: Path) -> list[Path]:
@@ -88,24 +88,25 @@ def _function_body(source: str, name: str) -> str | None:
     return None
 
 
-def equation_links(root: Path) -> list[tuple[str, str]]:
-    """(function, tag) of every equation-table link of the README."""
+def equation_links(root: Path) -> list[tuple[str, str, str]]:
+    """(function, file, tag) of every equation-table link of the README."""
     return _EQUATION.findall((root / "README.md").read_text(encoding="utf-8"))
 
 
 def untagged_equations(root: Path) -> list[str]:
-    """One line per (function, tag) of the equation table whose function has no line carrying that tag."""
-    path = root / "torchbp" / "equations.py"
-    if not path.is_file():
-        return [f"torchbp/equations.py does not exist (the table links {len(equation_links(root))} equations to it)"]
-    source = path.read_text(encoding="utf-8")
+    """One line per (function, file, tag) of the equation table whose function, in that file, has no line carrying
+    that tag."""
     wrong = []
-    for name, tag in equation_links(root):
-        body = _function_body(source, name)
+    for name, file, tag in equation_links(root):
+        path = root / file
+        if not path.is_file():
+            wrong.append(f"`{name}`: {file} does not exist")
+            continue
+        body = _function_body(path.read_text(encoding="utf-8"), name)
         if body is None:
-            wrong.append(f"`{name}`: no top-level `def {name}` in torchbp/equations.py")
+            wrong.append(f"`{name}`: no top-level `def {name}` in {file}")
         elif tag not in body:
-            wrong.append(f"`{name}`: no line tagged `{tag}` in its body in torchbp/equations.py")
+            wrong.append(f"`{name}`: no line tagged `{tag}` in its body in {file}")
     return wrong
 
 
@@ -116,8 +117,8 @@ def test_links_resolve_and_name_defined_symbols():
 
 def test_equation_table_leads_to_each_tagged_line():
     found = equation_links(ROOT)
-    tags = {tag for _, tag in found}
-    assert len(found) >= 9, f"the README's equation table lost its links to torchbp/equations.py: {found}"
+    tags = {tag for _, _, tag in found}
+    assert len(found) >= 9, f"the README's equation table lost its links to torchbp/equations/: {found}"
     for bp in ("# BP1", "# BP2", "# BP3", "# BP4"):
         assert any(t.startswith(bp) or bp[2:] in t for t in tags), f"the equation table has no `{bp}` row: {tags}"
     wrong = untagged_equations(ROOT)

@@ -12,15 +12,23 @@
 from . import functional, nn
 from .monitor import DeltaMonitor
 from .nn import (
+    GELU,
     BCELoss,
     BCEWithLogitsLoss,
+    Conv1d,
+    Conv2d,
     CrossEntropyLoss,
+    Embedding,
+    LayerNorm,
     Linear,
     MSELoss,
     QuadraticCost,
     ReLU,
+    RMSNorm,
     Sequential,
     Sigmoid,
+    SiLU,
+    Tanh,
     convert,
 )
 
@@ -35,6 +43,14 @@ __all__ = [
     "Linear",
     "Sigmoid",
     "ReLU",
+    "GELU",
+    "SiLU",
+    "Tanh",
+    "LayerNorm",
+    "RMSNorm",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
     "MSELoss",
     "QuadraticCost",
     "CrossEntropyLoss",

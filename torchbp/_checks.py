@@ -314,3 +314,59 @@ def check_conv1d(input: Tensor, weight: Tensor, bias: Tensor) -> None:
             check_device("Conv1D", input, name, t)
         if t.dtype != input.dtype and not _torch_private.any_autocast_enabled():
             check_dtype("Conv1D", input, name, t)
+
+
+def normalized_shape(fn: str, input: Tensor, shape, params: dict[str, Tensor | None]) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple (an int is one dim), checked against the input's last dims and each parameter's
+    shape, as torch's ``layer_norm`` and ``rms_norm`` check them (the same RuntimeError)."""
+    check_tensor(fn, "input", input)
+    if isinstance(shape, int) or not all(isinstance(d, int) for d in shape):  # (torch.nn's modules take an int)
+        raise TypeError(
+            f"{fn}(): argument 'normalized_shape' must be a tuple of ints, got {shape!r}; pass ({shape},) for one dim"
+        )
+    shape = tuple(shape)
+    for name, t in params.items():
+        check_tensor(fn, name, t, optional=True)
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(
+                f"{fn}(): Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                f"{list(t.shape)} and normalized_shape = {list(shape)}; make {name} of shape {shape}"
+            )
+        if t is not None:
+            check_device(fn, input, name, t)
+    if not shape or tuple(input.shape[input.dim() - len(shape) :]) != shape or input.dim() < len(shape):
+        raise RuntimeError(
+            f"{fn}(): Given normalized_shape={list(shape)}, expected input with shape [*, "
+            f"{', '.join(map(str, shape))}], but got input of size{list(input.shape)}"
+        )
+    return shape
+
+
+def check_embedding(input: Tensor, weight: Tensor, padding_idx: int | None) -> int | None:
+    """Validate as torch's ``embedding``; returns ``padding_idx`` made non-negative (or ``None``)."""
+    check_tensor("embedding", "input", input)
+    check_tensor("embedding", "weight", weight)
+    if weight.dim() != 2:
+        raise RuntimeError(
+            f"embedding(): 'weight' must be 2-D (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}"
+        )
+    if input.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(
+            "embedding(): Expected tensor for argument #1 'indices' to have one of the following scalar types: "
+            f"Long, Int; but got {input.dtype} instead; use input.long()"
+        )
+    check_device("embedding", weight, "input", input)
+    n = weight.shape[0]
+    if padding_idx is not None:
+        if not -n <= padding_idx < n:
+            raise AssertionError(  # (torch's type for this mistake)
+                f"embedding(): Padding_idx must be within num_embeddings: expected -{n} <= padding_idx < {n}, "
+                f"got {padding_idx}"
+            )
+        padding_idx = padding_idx + n if padding_idx < 0 else padding_idx
+    if not is_traced(input) and input.numel() and not (0 <= int(input.min()) and int(input.max()) < n):
+        raise IndexError(
+            f"embedding(): index out of range in self: expected indices in [0, {n}), got values in "
+            f"[{int(input.min())}, {int(input.max())}]"
+        )
+    return padding_idx

@@ -32,23 +32,36 @@ from .equations import (
     binary_cross_entropy_with_logits_backward,
     conv1d_backward,
     cross_entropy_backward,
+    embedding_backward,
+    gelu_backward,
+    layer_norm_backward,
     linear_backward,
     mse_loss_backward,
     quadratic_cost_backward,
     relu_backward,
+    rms_norm_backward,
     sigmoid_backward,
+    silu_backward,
+    tanh_backward,
 )
 from .equations import linear_jvp as linear_jvp  # (the forward-mode twin of linear_backward)
 from .functions import (
     BCEFunction,
     BCEWithLogitsFunction,
     Conv1DFunction,
+    ConvFunction,
     CrossEntropyFunction,
+    EmbeddingFunction,
+    GELUFunction,
+    LayerNormFunction,
     LinearFunction,
     MSELossFunction,
     QuadraticCostFunction,
     ReLUFunction,
+    RMSNormFunction,
     SigmoidFunction,
+    SiLUFunction,
+    TanhFunction,
     _apply,
 )
 
@@ -56,6 +69,14 @@ __all__ = [
     "linear",
     "sigmoid",
     "relu",
+    "gelu",
+    "silu",
+    "tanh",
+    "layer_norm",
+    "rms_norm",
+    "embedding",
+    "conv1d",
+    "conv2d",
     "mse_loss",
     "quadratic_cost",
     "cross_entropy",
@@ -65,6 +86,12 @@ __all__ = [
     "conv1d_backward",
     "sigmoid_backward",
     "relu_backward",
+    "gelu_backward",
+    "silu_backward",
+    "tanh_backward",
+    "layer_norm_backward",
+    "rms_norm_backward",
+    "embedding_backward",
     "mse_loss_backward",
     "quadratic_cost_backward",
     "cross_entropy_backward",
@@ -74,6 +101,12 @@ __all__ = [
     "Conv1DFunction",
     "SigmoidFunction",
     "ReLUFunction",
+    "GELUFunction",
+    "SiLUFunction",
+    "TanhFunction",
+    "LayerNormFunction",
+    "RMSNormFunction",
+    "EmbeddingFunction",
     "MSELossFunction",
     "QuadraticCostFunction",
     "CrossEntropyFunction",
@@ -253,6 +286,238 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
         tensor([0., 0., 2.])
     """
     return _relu(input, inplace)
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    r"""Applies GELU element-wise, as :func:`torch.nn.functional.gelu`; backward: :math:`⊙ σ'(z)`.
+
+    ``'none'``: :math:`σ(z) = z Φ(z)`, :math:`σ'(z) = Φ(z) + z φ(z)`; ``'tanh'``:
+    :math:`σ(z) = \frac{z}{2}(1 + \tanh(\sqrt{2/π}(z + 0.044715 z^3)))` (see :func:`gelu_backward`).
+
+    Args:
+        input: any shape.
+        approximate: ``'none'`` | ``'tanh'``. Default: ``'none'``.
+
+    Example::
+
+        >>> torchbp.functional.gelu(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.8413])
+    """
+    _checks.check_tensor("gelu", "input", input)
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError(f"gelu(): approximate argument must be either none or tanh., got {approximate!r}")
+    return _apply(GELUFunction, input, approximate)
+
+
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
+    r"""Applies SiLU :math:`σ(z) = z\,s(z)` (s the logistic sigmoid) element-wise, as :func:`torch.nn.functional.silu`;
+    backward: :math:`⊙ s(z)(1 + z(1 − s(z)))`.
+
+    Args:
+        input: any shape.
+        inplace: overwrite ``input`` with the result (the input is kept for backward, as torch's keeps it).
+            Default: ``False``.
+
+    Example::
+
+        >>> torchbp.functional.silu(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.7311])
+    """
+    _checks.check_tensor("silu", "input", input)
+    if inplace:  # (the input is needed by backward: a copy of it is kept, and the result written over it)
+        return input.copy_(_apply(SiLUFunction, input.clone()))
+    return _apply(SiLUFunction, input)
+
+
+def tanh(input: Tensor) -> Tensor:
+    r"""Applies :math:`\tanh(z)` element-wise; backward: :math:`⊙ (1 − \tanh^2 z)`, from the output.
+
+    Example::
+
+        >>> torchbp.functional.tanh(torch.zeros(2))
+        tensor([0., 0.])
+    """
+    _checks.check_tensor("tanh", "input", input)
+    return _apply(TanhFunction, input)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Applies Layer Normalization over the last dims, as :func:`torch.nn.functional.layer_norm`:
+    :math:`y = γ ⊙ (x − μ)/σ + β`, :math:`σ = \sqrt{\mathrm{var}(x) + ε}` (biased variance).
+
+    Backward (:func:`layer_norm_backward`): :math:`δ_x = \frac{1}{σ}(g − \mathrm{mean}(g) − \hat x\,
+    \mathrm{mean}(g ⊙ \hat x))` with :math:`g = γ ⊙ δ`; :math:`∂C/∂γ = Σ δ ⊙ \hat x`, :math:`∂C/∂β = Σ δ`.
+
+    Args:
+        input: shape ``(*, *normalized_shape)``.
+        normalized_shape: the sizes of the last dims, normalized over.
+        weight: γ, of shape ``normalized_shape``. Default: ``None``.
+        bias: β, of shape ``normalized_shape``. Default: ``None``.
+        eps: ε, added to the variance. Default: ``1e-5``.
+
+    Example::
+
+        >>> torchbp.functional.layer_norm(torch.tensor([[1.0, 3.0]]), (2,))
+        tensor([[-1.0000,  1.0000]])
+    """
+    shape = _checks.normalized_shape("layer_norm", input, normalized_shape, {"weight": weight, "bias": bias})
+    return _apply(LayerNormFunction, input, weight, bias, shape, float(eps))[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    r"""Applies Root Mean Square Layer Normalization over the last dims, as :func:`torch.nn.functional.rms_norm`:
+    :math:`y = γ ⊙ x/\mathrm{rms}(x)`, :math:`\mathrm{rms}(x) = \sqrt{\mathrm{mean}(x^2) + ε}`.
+
+    Backward (:func:`rms_norm_backward`): :math:`δ_x = (g − \hat x\,\mathrm{mean}(g ⊙ \hat x))/\mathrm{rms}(x)`
+    with :math:`g = γ ⊙ δ`; :math:`∂C/∂γ = Σ δ ⊙ \hat x`.
+
+    Args:
+        input: shape ``(*, *normalized_shape)``.
+        normalized_shape: the sizes of the last dims, normalized over.
+        weight: γ, of shape ``normalized_shape``. Default: ``None``.
+        eps: ε. Default: ``None``, the machine epsilon of the input's dtype (of float32 for float16 and bfloat16,
+            which are computed in float32), as torch's.
+
+    Example::
+
+        >>> torchbp.functional.rms_norm(torch.tensor([[3.0, 4.0]]), (2,), eps=0.0)
+        tensor([[0.8485, 1.1314]])
+    """
+    shape = _checks.normalized_shape("rms_norm", input, normalized_shape, {"weight": weight})
+    if eps is None:
+        half = input.dtype in (torch.float16, torch.bfloat16)
+        eps = torch.finfo(torch.float32 if half else input.dtype).eps
+    return _apply(RMSNormFunction, input, weight, shape, float(eps))[0]
+
+
+def embedding(
+    input: Tensor,
+    weight: Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    r"""Looks up rows of ``weight``, :math:`y_n = E_{i_n}`, as :func:`torch.nn.functional.embedding`.
+
+    Backward (:func:`embedding_backward`): :math:`∂C/∂E_i = Σ_{n: i_n = i} δ_n`, a scatter-add of δ into the rows
+    used (BP4's counterpart); none into ``padding_idx``'s row.
+
+    Args:
+        input: indices (int64 or int32), any shape.
+        weight: E, shape ``(num_embeddings, embedding_dim)``.
+        padding_idx: the row that gets no gradient (negative: counted from the end). Default: ``None``.
+        max_norm: rows looked up with a larger ``norm_type``-norm are renormalized to it in place, before the
+            lookup, as torch's (a constant step: no derivative through it; torch's forward mode has none at all,
+            ours treats it as constant). Default: ``None``.
+        norm_type: the p of the p-norm for ``max_norm``. Default: ``2.0``.
+        scale_grad_by_freq: divide each position's δ by the number of times its index appears in ``input``.
+            Default: ``False``.
+        sparse: not supported: torchbp gives a dense gradient (a clear error for ``True``).
+
+    Shape:
+        ``(*)`` -> ``(*, embedding_dim)``.
+
+    Example::
+
+        >>> torchbp.functional.embedding(torch.tensor([2, 0]), torch.arange(6.0).reshape(3, 2))
+        tensor([[4., 5.],
+                [0., 1.]])
+    """
+    padding_idx = _checks.check_embedding(input, weight, padding_idx)
+    if sparse:
+        raise NotImplementedError(
+            "embedding(): sparse=True is not supported: torchbp's backward gives a dense gradient of the weight; "
+            "pass sparse=False (or keep torch.nn.Embedding for sparse gradients)"
+        )
+    if max_norm is not None:  # rows renormalized in place, as torch's embedding does (no derivative through it)
+        with torch.no_grad():  # (on the values alone: torch's forward AD has no embedding_renorm_, ours needs none)
+            torch.embedding_renorm_(weight.detach(), input.contiguous(), max_norm, norm_type)
+    return _apply(EmbeddingFunction, input, weight, padding_idx, bool(scale_grad_by_freq))
+
+
+def _tuple(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _conv(dims: int, input, weight, bias, stride, padding, dilation, groups) -> Tensor:
+    """The convolution of :func:`conv1d` / :func:`conv2d`: string padding made numbers (an uneven ``'same'``
+    padding as an explicit zero pad, torch's extra element on the right), an unbatched input given a batch of 1."""
+    fn = f"conv{dims}d"
+    _checks.check_tensor(fn, "input", input)
+    _checks.check_tensor(fn, "weight", weight)
+    _checks.check_tensor(fn, "bias", bias, optional=True)
+    if input.dim() not in (dims + 1, dims + 2):
+        raise RuntimeError(
+            f"{fn}(): Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) input to {fn}, but got input of size: "
+            f"{list(input.shape)}"
+        )
+    stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
+    unbatched = input.dim() == dims + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise RuntimeError(f"{fn}(): Invalid padding string: {padding!r}; expected 'valid', 'same' or numbers")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise RuntimeError(f"{fn}(): padding='same' is not supported for strided convolutions; use stride=1")
+        total = [0] * dims
+        if padding == "same" and weight.dim() == dims + 2:
+            total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(t % 2 for t in total):  # (uneven: one more on the right, as torch's)
+            pad = [x for t in reversed(total) for x in (t // 2, t - t // 2)]
+            input, total = torch.nn.functional.pad(input, pad), [0] * dims
+        padding = tuple(t // 2 for t in total)
+    else:
+        padding = _tuple(padding, dims)
+    input, weight, bias = _autocast(None, input, weight, bias)
+    z = _apply(ConvFunction, input, weight, bias, stride, padding, dilation, groups)
+    return z.squeeze(0) if unbatched else z
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
+    r"""A 1-D convolution :math:`z = w ⋆ a + b`, as :func:`torch.nn.functional.conv1d` (zero padding).
+
+    Backward (:func:`torchbp.equations.conv.conv_backward`): BP2 as a transposed convolution of δ with the kernel,
+    BP4 as a convolution of the input with δ, BP3 as δ summed over the batch and the positions.
+
+    Args:
+        input: ``(N, C_in, L)`` or ``(C_in, L)``.
+        weight: ``(C_out, C_in / groups, k)``.
+        bias: ``(C_out,)``. Default: ``None``.
+        stride, dilation: an int or a 1-tuple. Default: 1.
+        padding: an int, a 1-tuple, ``'valid'`` or ``'same'``. Default: 0.
+        groups: the number of blocked connections from input to output channels. Default: 1.
+    """
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
+    r"""A 2-D convolution :math:`z = w ⋆ a + b`, as :func:`torch.nn.functional.conv2d` (zero padding).
+
+    Backward as :func:`conv1d`'s.
+
+    Args:
+        input: ``(N, C_in, H, W)`` or ``(C_in, H, W)``.
+        weight: ``(C_out, C_in / groups, kH, kW)``.
+        bias: ``(C_out,)``. Default: ``None``.
+        stride, dilation: an int or a 2-tuple. Default: 1.
+        padding: an int, a 2-tuple, ``'valid'`` or ``'same'``. Default: 0.
+        groups: the number of blocked connections from input to output channels. Default: 1.
+    """
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups)
 
 
 def mse_loss(

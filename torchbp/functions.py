@@ -17,6 +17,7 @@ from torch import Tensor
 from . import _torch_private
 from .equations import (
     _difference_tangent,
+    _differentiated,
     _directional_derivative,
     _one,
     _reduce,
@@ -24,14 +25,27 @@ from .equations import (
     binary_cross_entropy_with_logits_backward,
     conv1d_backward,
     conv1d_jvp,
+    conv_backward,
+    conv_jvp,
     cross_entropy_backward,
     cross_entropy_log_p_backward,
+    embedding_backward,
+    embedding_jvp,
+    gelu_backward,
+    layer_norm_backward,
+    layer_norm_jvp,
+    layer_norm_statistics,
     linear_backward,
     linear_jvp,
     mse_loss_backward,
     quadratic_cost_backward,
     relu_backward,
+    rms_norm_backward,
+    rms_norm_jvp,
+    rms_norm_statistics,
     sigmoid_backward,
+    silu_backward,
+    tanh_backward,
 )
 from .slots import LayerSlot
 
@@ -40,6 +54,13 @@ __all__ = [
     "LinearFunction",
     "SigmoidFunction",
     "ReLUFunction",
+    "GELUFunction",
+    "SiLUFunction",
+    "TanhFunction",
+    "LayerNormFunction",
+    "RMSNormFunction",
+    "EmbeddingFunction",
+    "ConvFunction",
     "MSELossFunction",
     "QuadraticCostFunction",
     "CrossEntropyFunction",
@@ -253,6 +274,247 @@ class ReLUFunction(HandWrittenFunction):
         if ctx.inplace:  # z was overwritten by a: its tangent dz is overwritten by da
             return d_input.copy_(relu_backward(d_input, a))  # da = σ'(z) ⊙ dz, in place
         return relu_backward(d_input, a)  # da = σ'(z) ⊙ dz: σ'(z) is diagonal, the product of BP2
+
+
+def _in_opmath(equation, grad: Tensor, x: Tensor, *args) -> Tensor:
+    """``equation(grad, x, *args)`` in float32 for half-precision tensors (as torch's kernels compute them), cast back
+    to ``grad``'s dtype; as it is otherwise."""
+    if x.dtype in (torch.float16, torch.bfloat16) or grad.dtype in (torch.float16, torch.bfloat16):
+        return equation(grad.float(), x.float(), *args).to(grad.dtype)
+    return equation(grad, x, *args)
+
+
+class GELUFunction(HandWrittenFunction):
+    r"""a = z Φ(z) (``'none'``) or its tanh approximation (``'tanh'``); backward multiplies by σ'(z)
+    (:func:`gelu_backward`), from the saved input z (torch's saves the same); so does forward mode."""
+
+    @staticmethod
+    def forward(input: Tensor, approximate: str) -> Tensor:
+        return F.gelu(input, approximate=approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, approximate = inputs
+        _save(ctx, (input,), (input,))  # z: σ'(z) needs it
+        ctx.approximate = approximate
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor):
+        (z,) = ctx.saved_tensors
+        return _in_opmath(gelu_backward, grad, z, ctx.approximate), None  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor, _approximate=None) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return _in_opmath(gelu_backward, d_input, z, ctx.approximate)  # da = σ'(z) ⊙ dz
+
+
+class SiLUFunction(HandWrittenFunction):
+    r"""a = z s(z), s the logistic sigmoid; backward multiplies by σ'(z) = s(z)(1 + z(1 − s(z)))
+    (:func:`silu_backward`), from the saved input z (torch's saves the same); so does forward mode."""
+
+    @staticmethod
+    def forward(input: Tensor) -> Tensor:
+        return F.silu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs, inputs)  # z: σ'(z) needs it (it is not a function of a alone)
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return _in_opmath(silu_backward, grad, z)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return _in_opmath(silu_backward, d_input, z)  # da = σ'(z) ⊙ dz
+
+
+class TanhFunction(HandWrittenFunction):
+    r"""a = tanh(z); backward multiplies by σ'(z) = 1 − a² (:func:`tanh_backward`), from the saved output a (torch's
+    saves the same); so does forward mode."""
+
+    @staticmethod
+    def forward(input: Tensor) -> Tensor:
+        return torch.tanh(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, (output,), (output,))  # tanh(z): its derivative needs nothing else
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        return _in_opmath(tanh_backward, grad, a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+
+    @staticmethod
+    def jvp(ctx, d_input: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        return _in_opmath(tanh_backward, d_input, a)  # da = σ'(z) ⊙ dz
+
+
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """``grad`` in ``like``'s dtype (a half-precision input with float32 parameters mixes dtypes, as torch allows)."""
+    return grad if grad is None or grad.dtype == like.dtype else grad.to(like.dtype)
+
+
+class LayerNormFunction(HandWrittenFunction):
+    r"""y = γ ⊙ (x − μ)/σ + β over the last ``len(normalized_shape)`` dims; backward is
+    :func:`layer_norm_backward`: δ_x = (1/σ)(g − mean(g) − x̂·mean(g·x̂)) with g = γ ⊙ δ, ∂C/∂γ = Σ δ ⊙ x̂, ∂C/∂β = Σ δ.
+
+    Forward returns ``(y, μ, 1/σ)`` (torch's ``native_layer_norm``); it saves x, γ, μ and 1/σ, as torch's saves
+    (less β, which no gradient needs). When the backward is itself differentiated, μ and σ are recomputed from x with
+    plain ops (:func:`layer_norm_statistics`), so that a double backward sees their dependence on x.
+    Forward mode: dy = γ dx̂ + dγ x̂ + dβ (:func:`layer_norm_jvp`).
+    """
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, normalized_shape: tuple, eps: float):
+        return torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, normalized_shape, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _save(ctx, (input, weight, mean, rstd), (input, weight, mean, rstd))
+        ctx.n, ctx.eps = len(normalized_shape), eps
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, delta: Tensor, *_statistics):  # delta = ∂C/∂y
+        input, weight, mean, rstd = ctx.saved_tensors
+        if _differentiated():  # (the statistics as functions of x, for a double backward)
+            mean, rstd = layer_norm_statistics(input, tuple(range(-ctx.n, 0)), ctx.eps)
+        need = ctx.needs_input_grad
+        grad_input, grad_weight, grad_bias = layer_norm_backward(
+            delta, input, mean, rstd, weight, ctx.n, need[0], need[1], need[2]
+        )
+        return _cast(grad_input, input), _cast(grad_weight, weight), _cast(grad_bias, weight), None, None
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, _normalized_shape=None, _eps=None):
+        input, weight, mean, rstd = ctx.saved_tensors
+        dy = layer_norm_jvp(input, mean, rstd, weight, ctx.n, d_input, d_weight, d_bias)
+        if dy is None:
+            dy = torch.zeros_like(input)
+        return _cast(dy, input), None, None  # (μ and 1/σ are not differentiable outputs)
+
+
+class RMSNormFunction(HandWrittenFunction):
+    r"""y = γ ⊙ x/rms(x) over the last ``len(normalized_shape)`` dims, rms(x) = √(mean(x²) + ε); backward is
+    :func:`rms_norm_backward`: δ_x = (g − x̂·mean(g·x̂))/rms(x) with g = γ ⊙ δ, ∂C/∂γ = Σ δ ⊙ x̂.
+
+    Forward returns ``(y, 1/rms(x))``; it saves x, γ and 1/rms(x) (torch's composite saves x, 1/rms(x), x·(1/rms(x))
+    and γ). When the backward is itself differentiated, 1/rms(x) is recomputed from x (:func:`rms_norm_statistics`).
+    Forward mode: dy = γ dx̂ + dγ x̂ (:func:`rms_norm_jvp`).
+    """
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor | None, normalized_shape: tuple, eps: float):
+        dims = tuple(range(-len(normalized_shape), 0))
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input  # (as torch's: in float32)
+        rstd = rms_norm_statistics(x, dims, eps)
+        return F.rms_norm(input, normalized_shape, weight, eps), rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, normalized_shape, eps = inputs
+        rstd = output[1]
+        ctx.mark_non_differentiable(rstd)
+        _save(ctx, (input, weight, rstd), (input, weight, rstd))
+        ctx.n, ctx.eps = len(normalized_shape), eps
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, delta: Tensor, _rstd=None):  # delta = ∂C/∂y
+        input, weight, rstd = ctx.saved_tensors
+        if _differentiated():  # (the statistic as a function of x, for a double backward)
+            rstd = rms_norm_statistics(input, tuple(range(-ctx.n, 0)), ctx.eps)
+        need = ctx.needs_input_grad
+        grad_input, grad_weight = rms_norm_backward(delta, input, rstd, weight, ctx.n, need[0], need[1])
+        return _cast(grad_input, input), _cast(grad_weight, weight), None, None
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, _normalized_shape=None, _eps=None):
+        input, weight, rstd = ctx.saved_tensors
+        dy = rms_norm_jvp(input, rstd, weight, ctx.n, d_input, d_weight)
+        if dy is None:
+            dy = torch.zeros_like(input)
+        return _cast(dy, input), None  # (1/rms(x) is not a differentiable output)
+
+
+class EmbeddingFunction(HandWrittenFunction):
+    r"""y_n = E_{i_n}, a lookup; backward is BP4's scatter-add ∂C/∂E_i = Σ_{n: i_n = i} δ_n
+    (:func:`embedding_backward`; none for ``padding_idx``, divided by each index's count with
+    ``scale_grad_by_freq``). Saves the indices only (torch's saves the same). Forward mode: dy = dE[i]
+    (:func:`embedding_jvp`).
+    """
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor, padding_idx: int | None, scale_grad_by_freq: bool) -> Tensor:
+        return F.embedding(input, weight, padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, padding_idx, scale_grad_by_freq = inputs
+        _save(ctx, (input,), (input,))  # the indices: which rows each δ_n goes to
+        ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq = weight.shape[0], padding_idx, scale_grad_by_freq
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, delta: Tensor):  # delta = δ = ∂C/∂y
+        (indices,) = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = embedding_backward(
+                delta, indices, ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq
+            )  # BP4
+        return None, grad_weight, None, None
+
+    @staticmethod
+    def jvp(ctx, _d_input, d_weight, _padding_idx=None, _scale_grad_by_freq=None):
+        (indices,) = ctx.saved_tensors
+        return embedding_jvp(indices, d_weight)  # dy = dE[i]
+
+
+class ConvFunction(HandWrittenFunction):
+    r"""z = w ⋆ a + b, ``nn.Conv1d``'s and ``nn.Conv2d``'s batched convolution (zero padding, a number per dim);
+    backward is :func:`conv_backward`: BP2 as a transposed convolution of δ with the kernel, BP4 as a convolution of
+    the input with δ, BP3 as δ summed over the batch and the positions. Saves a (for BP4) and w (for BP2) only when
+    their gradient is asked for. Forward mode: dz = w ⋆ da + dw ⋆ a + db (:func:`conv_jvp`).
+    """
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups):
+        return (F.conv1d if weight.dim() == 3 else F.conv2d)(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups = inputs
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Save only what a requested gradient needs: BP2 needs w (and a's shape), BP4 needs a (and w's shape).
+        _save(ctx, (input if need_weight else None, weight if need_input else None), (input, weight))
+        ctx.options = stride, padding, dilation, groups
+        ctx.shapes = tuple(input.shape), tuple(weight.shape)
+
+    @staticmethod
+    @_none_for_undefined
+    def backward(ctx, delta: Tensor):  # delta = δ = ∂C/∂z
+        input, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = conv_backward(delta, input, weight, *ctx.options, need[0], need[1], need[2], *ctx.shapes)
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, *_options):
+        input, weight = ctx.saved_tensors
+        return conv_jvp(input, weight, *ctx.options, d_input, d_weight, d_bias)  # dz = w ⋆ da + dw ⋆ a + db
 
 
 class MSELossFunction(HandWrittenFunction):
@@ -482,6 +744,13 @@ _TRACEABLE = {
         Conv1DFunction,
         SigmoidFunction,
         ReLUFunction,
+        GELUFunction,
+        SiLUFunction,
+        TanhFunction,
+        LayerNormFunction,
+        RMSNormFunction,
+        EmbeddingFunction,
+        ConvFunction,
         MSELossFunction,
         QuadraticCostFunction,
         CrossEntropyFunction,

@@ -20,6 +20,14 @@ __all__ = [
     "Linear",
     "Sigmoid",
     "ReLU",
+    "GELU",
+    "SiLU",
+    "Tanh",
+    "LayerNorm",
+    "RMSNorm",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
     "MSELoss",
     "QuadraticCost",
     "CrossEntropyLoss",
@@ -73,6 +81,113 @@ class ReLU(nn.ReLU):
 
     def forward(self, input: Tensor) -> Tensor:
         return F._relu(input, self.inplace, self._torchbp_slot)
+
+
+class GELU(nn.GELU):
+    r"""Applies GELU element-wise, as :class:`torch.nn.GELU`; backward :math:`⊙ σ'(z)`
+    (:func:`torchbp.equations.gelu_backward`).
+
+    Args:
+        approximate: ``'none'`` (:math:`z Φ(z)`) | ``'tanh'`` (its tanh approximation). Default: ``'none'``.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.gelu(input, approximate=self.approximate)
+
+
+class SiLU(nn.SiLU):
+    r"""Applies SiLU :math:`z\,s(z)` element-wise, as :class:`torch.nn.SiLU`; backward :math:`⊙ s(z)(1 + z(1 − s(z)))`.
+
+    Args:
+        inplace: overwrite the input. Default: ``False``.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.silu(input, inplace=self.inplace)
+
+
+class Tanh(nn.Tanh):
+    r"""Applies :math:`\tanh(z)` element-wise, as :class:`torch.nn.Tanh`; backward :math:`⊙ (1 − \tanh^2 z)`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.tanh(input)
+
+
+class LayerNorm(nn.LayerNorm):
+    r"""Applies Layer Normalization over the last dims, as :class:`torch.nn.LayerNorm`:
+    :math:`y = γ ⊙ (x − μ)/σ + β`, with backward from its Jacobian (:func:`torchbp.equations.layer_norm_backward`).
+
+    Args: as :class:`torch.nn.LayerNorm` (``normalized_shape``, ``eps=1e-5``, ``elementwise_affine=True``,
+    ``bias=True``, ``device``, ``dtype``); parameters ``weight`` (γ) and ``bias`` (β), initialized to 1 and 0.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``; output: the same.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    r"""Applies Root Mean Square Layer Normalization over the last dims, as :class:`torch.nn.RMSNorm`:
+    :math:`y = γ ⊙ x/\mathrm{rms}(x)`, with backward from its Jacobian (:func:`torchbp.equations.rms_norm_backward`).
+
+    Args: as :class:`torch.nn.RMSNorm` (``normalized_shape``, ``eps=None``: the dtype's machine epsilon,
+    ``elementwise_affine=True``, ``device``, ``dtype``); parameter ``weight`` (γ), initialized to 1.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``; output: the same.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # (torch's argument name)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class Embedding(nn.Embedding):
+    r"""A lookup table, as :class:`torch.nn.Embedding`: :math:`y_n = E_{i_n}`; backward is the scatter-add
+    :math:`∂C/∂E_i = Σ_{n: i_n = i} δ_n` (:func:`torchbp.equations.embedding_backward`).
+
+    Args: as :class:`torch.nn.Embedding` (``num_embeddings``, ``embedding_dim``, ``padding_idx``, ``max_norm``,
+    ``norm_type``, ``scale_grad_by_freq``, ``sparse``, ``_weight``, ``_freeze``, ``device``, ``dtype``), the same
+    initialization (normal, the padding row zeroed). ``sparse=True`` raises a clear error in forward (torchbp gives
+    a dense gradient); :func:`convert` leaves such a layer as torch's.
+
+    Shape:
+        - Input: indices, ``(*)``; output: ``(*, embedding_dim)``.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.embedding(
+            input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+
+class _ConvForward:
+    """torch's ``_ConvNd._conv_forward`` with torchbp's convolution: a padding mode other than zeros pads first."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
+        if self.padding_mode != "zeros":
+            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv1d(_ConvForward, nn.Conv1d):
+    r"""A 1-D convolution, as :class:`torch.nn.Conv1d` (every argument, padding mode and initialization its own),
+    with backward from its equations (:func:`torchbp.equations.conv.conv_backward`). Not transformers' ``Conv1D``
+    (GPT-2's dense layer, :class:`torchbp.nn.Conv1D`)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, self.bias)
+
+
+class Conv2d(_ConvForward, nn.Conv2d):
+    r"""A 2-D convolution, as :class:`torch.nn.Conv2d` (every argument, padding mode and initialization its own),
+    with backward from its equations (:func:`torchbp.equations.conv.conv_backward`)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, self.bias)
 
 
 class MSELoss(nn.MSELoss):
@@ -314,6 +429,11 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear,
     nn.Sigmoid: Sigmoid,
     nn.ReLU: ReLU,
+    nn.LayerNorm: LayerNorm,
+    nn.RMSNorm: RMSNorm,
+    nn.Embedding: Embedding,
+    nn.Conv1d: Conv1d,
+    nn.Conv2d: Conv2d,
     nn.MSELoss: MSELoss,
     nn.CrossEntropyLoss: CrossEntropyLoss,
     nn.BCELoss: BCELoss,
@@ -321,14 +441,20 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-_TORCHBP = frozenset(_REPLACEMENTS.values()) | {QuadraticCost, Sequential}
+# GELU, SiLU and Tanh are torchbp layers that convert() leaves as torch's for now: the DeltaMonitor's data flow
+# (delta_gain, fc1 -> GELU -> fc2) walks through torch's activation nodes, not yet through these Functions.
+_NOT_CONVERTED_YET = (GELU, SiLU, Tanh)
+
+_TORCHBP = frozenset(_REPLACEMENTS.values()) | {QuadraticCost, Sequential, *_NOT_CONVERTED_YET}
 
 
 def convert(module: nn.Module) -> nn.Module:
     r"""Make every ``torch.nn`` layer and loss that torchbp replaces use torchbp's backward, in place.
 
-    Converts ``Linear``, ``Sigmoid``, ``ReLU``, ``MSELoss``, ``CrossEntropyLoss``, ``BCELoss`` and
-    ``BCEWithLogitsLoss`` anywhere inside ``module`` (``module`` itself included), recursively, Hugging Face's
+    Converts ``Linear``, ``Sigmoid``, ``ReLU``, ``Conv1d``, ``Conv2d``, ``LayerNorm``, ``RMSNorm``, ``Embedding`` (but one with
+    ``sparse=True``, whose gradient torchbp does not make), ``MSELoss``, ``CrossEntropyLoss``, ``BCELoss`` and
+    ``BCEWithLogitsLoss`` anywhere inside ``module`` (:class:`GELU`, :class:`SiLU` and :class:`Tanh` are used by
+    building a model with them: the monitor's ``delta_gain`` does not yet pass through them) (``module`` itself included), recursively, Hugging Face's
     ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections) to :class:`torchbp.nn.Conv1D` where
     transformers is imported (torchbp never imports it), and
     ``Sequential`` to :class:`torchbp.nn.Sequential` (its runs of Linear and activation layers then run as
@@ -369,6 +495,8 @@ def convert(module: nn.Module) -> nn.Module:
             sequentials.append(m)  # (a container: it counts as converted only with a torchbp layer in the model)
             continue
         new_class = _REPLACEMENTS.get(cls)
+        if new_class is Embedding and m.sparse:
+            new_class = None  # (torchbp's gradient is dense: a sparse Embedding stays torch's)
         if new_class is None and hf_conv1d is not None and cls is hf_conv1d:
             new_class = _torchbp_conv1d()
         if new_class is not None:

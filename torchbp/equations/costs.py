@@ -1,28 +1,9 @@
-r"""The backpropagation equations, each a plain function of tensors: the first file to read.
+r"""The costs' equations: BP1's :math:`∇_a C` (or δ^L directly, for the costs on logits), one function per cost.
 
-These are the equations of Nielsen, *Neural Networks and Deep Learning*, ch. 2 (also in Andrew Ng's and
-Hung-yi Lee's lecture notes), written once and tagged line by line. Two drivers call them: the per-op autograd
-Functions (:mod:`torchbp.functions`) and the backprop loop (:mod:`torchbp.backprop`).
-
-==============================  ==============================  ====================================
-symbol                          meaning                         here (batch-first rows)
-==============================  ==============================  ====================================
-a^{l-1}                         activation entering layer l     ``input``, shape ``(N, *, in)``
-w^l, b^l                        weight (out x in), bias (out)   ``weight``, ``bias`` (as ``nn.Linear``)
-z^l = w^l a^{l-1} + b^l         weighted input                  ``z = input @ weight.T + bias``
-a^l = sigma(z^l)                activation                      ``sigmoid(z)``, ``relu(z)``
-delta^l = dC/dz^l               the error of layer l            ``grad_output`` of the Linear backward
-BP1  delta^L = grad_a C * s'(z) output error                    cost backward, then activation backward
-BP2  delta^l = (w^{l+1})^T delta^{l+1} * s'(z^l)                ``delta @ weight``, then ``* s'(z)``
-BP3  dC/db^l = delta^l          bias gradient                   ``delta`` summed over batch dims
-BP4  dC/dw^l_jk = a^{l-1}_k delta^l_j  weight gradient          ``delta.T @ input``
-
-Each cost's backward gives BP1's :math:`∇_a C` (or δ^L directly, for the costs on logits); each activation's
-backward is BP1/BP2's :math:`⊙ σ'(z)`; :func:`linear_backward` is BP2's :math:`(w^{l+1})^T δ^{l+1}`, BP3 and BP4.
-Below them, the forward-mode twins (:func:`linear_jvp`, :func:`_directional_derivative`) that each Function's
-``jvp`` calls. A fast kernel trick (:func:`_select_by_bits`, :func:`_times_a_one_minus_a`,
-:func:`_softmax_minus_one_hot`, :func:`_exp_minus_one_hot`,
-:func:`_bce_input_grad_in_one_buffer`) sits beside the plain one-line equation it computes.
+Below them, the forward-mode derivative of a cost, :math:`dC = Σ_x ⟨∂C/∂x, dx⟩`
+(:func:`_directional_derivative`), that each cost Function's ``jvp`` calls. A fast kernel trick
+(:func:`_softmax_minus_one_hot`, :func:`_exp_minus_one_hot`, :func:`_bce_input_grad_in_one_buffer`) sits beside
+the plain one-line equation it computes.
 """
 
 from __future__ import annotations
@@ -31,133 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _torch_private
-
-__all__ = [
-    "linear_backward",
-    "sigmoid_backward",
-    "relu_backward",
-    "mse_loss_backward",
-    "quadratic_cost_backward",
-    "cross_entropy_backward",
-    "cross_entropy_log_p_backward",
-    "binary_cross_entropy_backward",
-    "binary_cross_entropy_with_logits_backward",
-    "linear_jvp",
-]
-
-
-# ==================================================================================================
-# The equations. Each is a plain function of tensors, called by the autograd Functions below.
-# ==================================================================================================
-
-
-def linear_backward(
-    delta: Tensor,
-    input: Tensor | None,
-    weight: Tensor | None,
-    need_input: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = True,
-    bias_shape: torch.Size | None = None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    r"""The gradients of :math:`z = a w^T + b` from :math:`δ^l = ∂C/∂z^l`: BP2's first half, BP4, BP3.
-
-    Returns ``(∂C/∂a^{l-1}, ∂C/∂w^l, ∂C/∂b^l)``, each ``None`` unless asked for. ``input`` is
-    :math:`a^{l-1}` (needed for BP4 only), ``weight`` is :math:`w^l` (needed for BP2 only);
-    ``bias_shape`` is the bias's shape when it is not ``(out,)`` (a bias that broadcasts further).
-    """
-    grad_input = grad_weight = grad_bias = None
-    if need_input:
-        grad_input = delta @ weight  # BP2: (w^l)^T δ^l, the error moved back to a^{l-1}
-    delta_2d = delta if delta.dim() == 2 else delta.reshape(-1, delta.shape[-1])
-    if need_weight:
-        grad_weight = delta_2d.mT @ input.reshape(-1, input.shape[-1])  # BP4: Σ_n δ_n a_n^T
-    if need_bias:
-        if bias_shape is None:
-            grad_bias = delta_2d.sum(0)  # BP3: Σ_n δ_n
-        else:
-            grad_bias = delta.sum_to_size(bias_shape)  # BP3, summed over the dims the bias broadcast over
-    return grad_input, grad_weight, grad_bias
-
-
-def conv1d_backward(
-    delta: Tensor,
-    input: Tensor | None,
-    weight: Tensor | None,
-    need_input: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    r"""The gradients of :math:`z = a W + b` (``W`` stored (in, out)) from :math:`δ^l = ∂C/∂z^l`: BP2's first half,
-    BP4, BP3.
-
-    Returns ``(∂C/∂a^{l-1}, ∂C/∂W, ∂C/∂b^l)``, each ``None`` unless asked for; ``∂C/∂W`` has ``W``'s (in, out)
-    layout. ``input`` is :math:`a^{l-1}` (needed for BP4 only), ``weight`` is ``W`` (needed for BP2 only).
-    """
-    grad_input = grad_weight = grad_bias = None
-    if need_input:
-        grad_input = delta @ weight.mT  # BP2: δ W^T = (w^l)^T δ^l, the error moved back to a^{l-1}
-    delta_2d = delta if delta.dim() == 2 else delta.reshape(-1, delta.shape[-1])
-    if need_weight:
-        grad_weight = input.reshape(-1, input.shape[-1]).mT @ delta_2d  # BP4: Σ_n a_n δ_n^T, (in, out)
-    if need_bias:
-        grad_bias = delta_2d.sum(0)  # BP3: Σ_n δ_n
-    return grad_input, grad_weight, grad_bias
-
-
-def sigmoid_backward(grad: Tensor, a: Tensor) -> Tensor:
-    r"""BP1/BP2's second half for the sigmoid: :math:`∇_a C ⊙ σ'(z)` with :math:`σ'(z) = a (1 − a)`, from the output a."""
-    if _differentiated():  # out of place, so the graph stays differentiable
-        return grad * a * (1 - a)  # BP1/BP2: ∇_a C ⊙ σ'(z)
-    return _times_a_one_minus_a(grad, a)
-
-
-def _times_a_one_minus_a(grad: Tensor, a: Tensor) -> Tensor:
-    """``grad * a * (1 - a)`` in one buffer: grad·a, minus grad·a·a in place."""
-    out = grad * a
-    return out.addcmul_(out, a, value=-1)  # BP1/BP2: ∇_a C ⊙ a(1 − a), in one buffer
-
-
-def relu_backward(grad: Tensor, a: Tensor) -> Tensor:
-    r"""BP1/BP2's second half for ReLU: :math:`∇_a C ⊙ σ'(z)` with :math:`σ'(z) = 1[z > 0]`, read from the output a.
-
-    σ'(0) = 0, as torch's. Where a is NaN (z was NaN) the gradient passes, as torch's.
-    """
-    if _select_by_bits_applies(grad, a):
-        return _select_by_bits(grad, a)
-    return torch.where(a <= 0, 0.0, grad)  # BP1/BP2: ∇_a C ⊙ σ'(z), a select as torch's threshold_backward
-
-
-# Integer types of the floating dtypes' width, for ReLU's bit-pattern select.
-_BITS = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
-
-
-def _select_by_bits_applies(grad: Tensor, a: Tensor) -> bool:
-    return not (
-        # grad mode, a torch.func transform, forward AD: the select must stay differentiable
-        _differentiated()
-        or torch.compiler.is_compiling()  # (the compiler fuses the select by itself)
-        or a.dtype not in _BITS
-        or grad.dtype != a.dtype  # (a saved-tensor hook may change a's dtype)
-        or grad.is_neg()
-        or _torch_private.is_legacy_batched(grad)  # autograd.grad(is_grads_batched=True): no bit views
-    )
-
-
-def _select_by_bits(grad: Tensor, a: Tensor) -> Tensor:
-    """``torch.where(a <= 0, 0, grad)`` exactly (a is a ReLU's output: ≥ 0 or NaN), fast on CPU (where bool-mask kernels are slow), in one buffer.
-
-    The bits of |a| as integers, clamped to 1, are σ'(z) (1 also where a is NaN); an integer product
-    with the bits of ``grad`` selects them exactly: 0, not NaN, for an Inf or NaN gradient where σ'(z) = 0.
-    """
-    d_sigma = a.abs().view(_BITS[a.dtype]).clamp_(max=1)
-    return d_sigma.mul_(grad.view(_BITS[a.dtype])).view(a.dtype)  # BP1/BP2: ∇_a C ⊙ σ'(z)
+from .. import _torch_private
+from ._common import _differentiated, _divide, _number
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -167,34 +23,6 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 def _scale(grad: Tensor, reduction: str, count: int | Tensor) -> Tensor:
     """The upstream gradient of a reduced loss, as a factor for each element: dL/d(loss element)."""
     return _divide(grad, count) if reduction == "mean" else grad
-
-
-def _divide(grad: Tensor, count: int | float | Tensor) -> Tensor:
-    """``grad / count`` to the bit; a number ``count`` as a cached 0-dim tensor of grad's dtype (:func:`_number`),
-    which torch divides by without wrapping a Python number (half the time on a small tensor)."""
-    if isinstance(count, Tensor):
-        return grad / count
-    return grad / _number(count, grad)
-
-
-def _number(value: int | float, like: Tensor) -> Tensor | int | float:
-    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype, where that is float32 or float64 and ``value``
-    is exact in it (a count, 1): an op with it gives the bits of the op with the Python number, without wrapping
-    the number on every call. The number itself elsewhere (other dtypes; while compiling)."""
-    if like.dtype not in _EXACT or torch.compiler.is_compiling():
-        return value
-    key = (value, like.dtype)
-    number = _NUMBERS.get(key)
-    if number is None:
-        if len(_NUMBERS) > 256:  # (a bound: one entry per batch size in use)
-            _NUMBERS.clear()
-        with torch.inference_mode(False):  # (a normal tensor, whatever mode the first backward runs in)
-            number = _NUMBERS[key] = torch.tensor(float(value), dtype=like.dtype, device="cpu")
-    return number
-
-
-_EXACT = (torch.float32, torch.float64)
-_NUMBERS: dict[tuple[int | float, torch.dtype], Tensor] = {}
 
 
 def mse_loss_backward(
@@ -403,52 +231,9 @@ def binary_cross_entropy_with_logits_backward(
 
 
 # ==================================================================================================
-# Forward mode: the same equations pushed forward, for each Function's jvp. A layer's tangent is the
-# product rule, dz = da w^T + a dw^T + db; an activation's is σ'(z) ⊙ dz, the very product of BP1/BP2
-# (σ'(z) is diagonal); a cost's is its gradient, as backward computes it, contracted with the tangents:
+# Forward mode: a cost's tangent is its gradient, as backward computes it, contracted with the tangents:
 # dC = Σ_x ⟨∂C/∂x, dx⟩.
 # ==================================================================================================
-
-
-def linear_jvp(
-    input: Tensor, weight: Tensor, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
-) -> Tensor | None:
-    r"""The forward-mode derivative of :math:`z = a w^T + b`: :math:`dz = da\,w^T + a\,dw^T + db`.
-
-    Each tangent may be ``None`` (no term); ``None`` if all are. ``input`` is needed for dw only, ``weight`` for
-    da only.
-    """
-    dz = None
-    if d_input is not None:
-        dz = d_input @ weight.mT  # da w^T
-    if d_weight is not None:
-        a_dw = input @ d_weight.mT  # a dw^T
-        dz = a_dw if dz is None else dz + a_dw
-    if d_bias is not None:
-        if dz is None:  # z's shape: (*, out), broadcast with the bias's
-            dz = d_bias.expand(torch.broadcast_shapes(input.shape[:-1] + weight.shape[:1], d_bias.shape))
-        else:
-            dz = dz + d_bias  # db
-    return dz  # dz = da w^T + a dw^T + db
-
-
-def conv1d_jvp(
-    input: Tensor, weight: Tensor, d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
-) -> Tensor | None:
-    r"""The forward-mode derivative of :math:`z = a W + b`: :math:`dz = da\,W + a\,dW + db`.
-
-    Each tangent may be ``None`` (no term); ``None`` if all are. ``input`` is needed for dW only, ``weight`` for
-    da only.
-    """
-    dz = None
-    if d_input is not None:
-        dz = d_input @ weight  # da W
-    if d_weight is not None:
-        a_dw = input @ d_weight  # a dW
-        dz = a_dw if dz is None else dz + a_dw
-    if d_bias is not None:
-        dz = d_bias.expand(input.shape[:-1] + d_bias.shape) if dz is None else dz + d_bias  # db
-    return dz  # dz = da W + a dW + db
 
 
 def _one(output: Tensor) -> Tensor:
@@ -487,16 +272,6 @@ def _directional_derivative(
     if dc is not None:
         dc = torch.where(cost.isnan(), cost, dc)  # d(NaN) = NaN; d(0/0) = NaN
     return dc
-
-
-def _differentiated() -> bool:
-    """Whether the equations may themselves be differentiated: grad mode is on (``create_graph``), a torch.func
-    transform is active (``hessian``, ``jacfwd(jacrev(f))``) or a ``torch.autograd.forward_ad.dual_level`` is open.
-
-    Then they must not take their one-buffer fast paths (in-place ops, integer bit views), which neither
-    autograd nor forward-mode AD can differentiate.
-    """
-    return torch.is_grad_enabled() or _torch_private.functorch_transforms_active() or _torch_private.forward_ad_active()
 
 
 # binary_cross_entropy_backward clamps a(1 − a) where torch's does: at its C++ constant ``float EPSILON = 1e-12``,
