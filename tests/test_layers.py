@@ -47,15 +47,30 @@ def test_same_seed_same_weights_and_isinstance(ours_cls, ref_cls, args, kwargs):
         assert not ours.weight[3].any()  # the padding row starts at zero, as torch's
 
 
-def test_convert_converts_each_norm_embedding_and_convolution_in_place():
-    """The norms, embeddings and convolutions are converted; GELU, SiLU and Tanh stay torch's (the monitor's data flow walks through
-    torch's activation nodes, not yet through theirs), and a torchbp one in a model is left as it is."""
+def test_convert_converts_each_layer_in_place_with_all_layers_only():
+    """With ``all_layers=True`` the norms, embeddings, activations and convolutions are converted (a torchbp one in a
+    model is left as it is); by default they stay torch's, and Linear is converted as ever."""
     torch.manual_seed(0)
-    model = nn.ModuleList([ref_cls(*args, **kwargs) for _, ref_cls, args, kwargs in LAYERS] + [bnn.GELU()])
+    refs = [ref_cls for _, ref_cls, _, _ in LAYERS]
+    model = nn.ModuleList(
+        [ref_cls(*args, **kwargs) for _, ref_cls, args, kwargs in LAYERS] + [bnn.GELU(), nn.Linear(2, 2)]
+    )
     params = [id(p) for p in model.parameters()]
     torchbp.convert(model)
-    expected = [bnn.LayerNorm, bnn.RMSNorm, bnn.Embedding, nn.GELU, nn.SiLU, nn.Tanh, bnn.Conv1d, bnn.Conv2d, bnn.GELU]
-    assert [type(m) for m in model] == expected
+    assert [type(m) for m in model] == [*refs, bnn.GELU, bnn.Linear]
+    torchbp.convert(model, all_layers=True)
+    expected = [
+        bnn.LayerNorm,
+        bnn.RMSNorm,
+        bnn.Embedding,
+        bnn.GELU,
+        bnn.SiLU,
+        bnn.Tanh,
+        bnn.Conv1d,
+        bnn.Conv2d,
+        bnn.GELU,
+    ]
+    assert [type(m) for m in model] == [*expected, bnn.Linear]
     assert [id(p) for p in model.parameters()] == params
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a torchbp activation counts as torchbp's: no "nothing to convert" warning
@@ -65,7 +80,7 @@ def test_convert_converts_each_norm_embedding_and_convolution_in_place():
 def test_convert_leaves_a_sparse_embedding_to_torch():
     """torchbp's gradient is dense: a sparse Embedding stays torch's, and the model trains as before."""
     model = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Linear(3, 2))
-    torchbp.convert(model)
+    torchbp.convert(model, all_layers=True)
     assert type(model[0]) is nn.Embedding and type(model[1]) is bnn.Linear
     model(torch.tensor([1, 2])).sum().backward()
     assert model[0].weight.grad.is_sparse

@@ -16,7 +16,8 @@ from .. import _torch_private
 # passes only through these (activations, additions such as residual connections, casts, dropout).
 _ELEMENTWISE = frozenset(
     "Add Sub Mul Div Neg Gelu Relu Sigmoid Tanh Silu Elu Celu Selu LeakyRelu Hardtanh Hardswish Hardsigmoid "
-    "Softplus Mish NativeDropout ToCopy Clone Threshold Exp Pow SigmoidFunction ReLUFunction".split()
+    "Softplus Mish NativeDropout ToCopy Clone Threshold Exp Pow SigmoidFunction ReLUFunction GELUFunction SiLUFunction "
+    "TanhFunction".split()
 )
 
 
