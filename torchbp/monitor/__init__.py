@@ -198,8 +198,16 @@ class DeltaMonitor:
     ``histogram_every`` steps; a picture of δ per layer and step (the δ map, tag ``delta_map``) every
     ``image_every`` steps, but no sooner after the last one than keeps its drawing (matplotlib, ~0.2 s) under
     1% of the time (``torchbp.monitor.host.IMAGE_SHARE``), and on close. Under ``torch.distributed``, only rank ``log_rank`` writes
-    (default 0). :meth:`history` keeps at most ``max_history`` logged steps (evenly spaced over the run:
-    see :class:`torchbp.monitor.host.History`), so memory is bounded in the run's length.
+    (default 0). :meth:`history` keeps at most ``max_history`` logged steps (evenly spaced over the run, and
+    the newest: see :class:`torchbp.monitor.host.History`), so memory is bounded in the run's length.
+
+    **One monitor per log directory, one per model.** TensorBoard shows one run per directory: a monitor whose
+    log directory another open monitor of this process writes to (however the path is spelled) fails, saying
+    to give each model its own subdirectory; once that one is closed, a new monitor appends to the directory
+    (a resumed run). Monitors sharing one ``SummaryWriter`` of the user's may do so when their layer names
+    differ. A new monitor on a model (or part of one) that another monitor watches closes that one, with a
+    warning naming its log: :func:`monitor_of` finds a model's monitor. A model that is itself the layer (a
+    bare :class:`torchbp.nn.Linear`) is named ``model`` in the tags.
 
     **Copies.** A monitored model can be deep-copied, pickled with ``torch.save`` and wrapped by
     ``torch.optim.swa_utils.AveragedModel``, before and after its first forward pass: the copy is not
@@ -618,7 +626,8 @@ class DeltaMonitor:
         Returns ``{"steps": [...], "layers": [...] (network order, input side first), <stat>: array
         (layers, steps) for each key of STATS}``: NaN where a value does not apply, a layer was not reached,
         or δ was not finite (``delta_nonfinite`` is then 1). Written with a log only; at most
-        ``max_history`` steps, evenly spaced over the run (older steps are thinned by halves when full).
+        ``max_history`` steps: evenly spaced over the run (older steps are thinned by halves when full), and
+        always the newest logged step last.
         """
         if self._sink is not None:
             self._host.write_arrived(wait=True)  # (the steps still on their way to the event file)
