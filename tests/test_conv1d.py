@@ -379,7 +379,7 @@ def test_monitor_per_sample_weight_gradient_norms(Conv1D):
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     with torchbp.DeltaMonitor(ours, per_sample_norms=True) as monitor:
         ours(x).square().sum().backward()
-        norms = monitor.per_sample_grad_norms()[""]
+        norms = monitor.per_sample_grad_norms()["model"]
     for n in range(5):
         ref.zero_grad()
         ref(x[n : n + 1]).square().sum().backward()

@@ -745,22 +745,25 @@ def test_bad_log_argument():
         torchbp.DeltaMonitor(bp_copy(sigmoid_mlp()[0]), log=123)
 
 
-def test_second_monitor_on_a_monitored_layer_fails_and_leaves_nothing_behind():
-    """A failed constructor must not leave taps on the layers it reached before the error."""
+def test_a_failed_monitor_on_a_monitored_layer_leaves_everything_as_it_was(tmp_path):
+    """A constructor that fails (here: a log "directory" that is a file) leaves no taps on the layers and the
+    monitor already on them in place; one that succeeds replaces that monitor, with a warning."""
     model = bp_copy(Nested())  # layers in order: encoder.fc1, encoder.fc2, head
+    (tmp_path / "afile").write_text("")
     before = attached_monitors()
     first = torchbp.DeltaMonitor(model.head)
-    try:
-        with pytest.raises(RuntimeError, match="already monitored"):
-            torchbp.DeltaMonitor(model)
-        model(torch.randn(2, 6)).sum().backward()
-        assert first.step == 0
-    finally:
-        first.close()
+    with pytest.raises(OSError, match="afile"):
+        torchbp.DeltaMonitor(model, log=tmp_path / "afile")
+    model(torch.randn(2, 6)).sum().backward()
+    assert first.step == 0 and torchbp.monitor_of(model) is first
+    assert monitored(model) == ["head"], "only the first monitor's layer has a slot"
+    with pytest.warns(UserWarning, match="the new one replaces it"):
+        second = torchbp.DeltaMonitor(model)
+    assert not first._attached and torchbp.monitor_of(model) is second
+    second.close()
     leftover = monitored(model)
-    assert not leftover, f"slots left behind by the failed DeltaMonitor: {leftover}"
+    assert not leftover, f"slots left behind: {leftover}"
     assert attached_monitors() == before
-    torchbp.DeltaMonitor(model).close()  # the model can be monitored again
 
 
 # --------------------------------------------------------------------------------------------------
@@ -859,8 +862,8 @@ def test_histogram_of_a_delta_wider_than_float32_does_not_break_backward(tmp_pat
     lin = torchbp.nn.Linear(2, 2)
     with pytest.warns(UserWarning, match="not finite"), torchbp.DeltaMonitor(lin, log=tmp_path, histogram_every=1) as m:
         (lin(torch.randn(3, 2)) * torch.tensor([scale, -scale])).sum().backward()  # (2e38: ‖δ‖ overflows float32)
-        assert m.latest()[""]["delta_nonfinite"] is True
-    (hist,) = read_events(tmp_path).Histograms("delta/")
+        assert m.latest()["model"]["delta_nonfinite"] is True
+    (hist,) = read_events(tmp_path).Histograms("delta/model")
     assert hist.histogram_value.num == 6
 
 
@@ -869,7 +872,7 @@ def test_half_precision_delta_with_large_norm_is_finite():
     lin = torchbp.nn.Linear(4, 4096).half()
     with torchbp.DeltaMonitor(lin) as monitor:
         (lin(torch.randn(3, 4).half()) * 2000).sum().backward()
-        stats = monitor.latest()[""]
+        stats = monitor.latest()["model"]
     assert stats["delta_nonfinite"] is False
     assert math.isclose(stats["delta_sample_norm_max"], 2000 * 64, rel_tol=1e-3)
 

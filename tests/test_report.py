@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -359,3 +360,102 @@ def test_usage_error_is_exit_status_2(capsys):
         main(["report"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("torchbp report: error: the following arguments are required: LOGDIR")
+
+
+# --------------------------------------------------------------------------------------------------
+# What could not be read is said
+# --------------------------------------------------------------------------------------------------
+
+
+def records(path) -> list[tuple[int, int]]:
+    """(offset, payload length) of each TFRecord of an event file, from the framing's length fields."""
+    data, out, offset = path.read_bytes(), [], 0
+    while offset + 12 <= len(data):
+        length = int.from_bytes(data[offset : offset + 8], "little")
+        out.append((offset, length))
+        offset += 16 + length
+    return out
+
+
+def steps_tensorboard_reads(path) -> list[int]:
+    """The steps of the scalar events TensorBoard's own record reader reads before it stops (the oracle)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.tensorflow_stub import errors
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    reader, steps = PyRecordReader_New(str(path).encode()), []
+    while True:
+        try:
+            reader.GetNext()
+        except (errors.OutOfRangeError, errors.DataLossError):
+            return steps
+        event = Event.FromString(reader.record())
+        if any(v.tag.startswith("delta_fro/") for v in event.summary.value):
+            steps.append(event.step)
+
+
+@pytest.mark.parametrize("where", ["payload", "length"])
+def test_a_damaged_event_file_is_named_with_the_step_its_loss_begins(tmp_path, where):
+    """A byte flipped in the middle of an event file: TensorBoard's reader stops there; the report says which
+    file, and after which step its events are lost, and analyses the steps before."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(4, 5), torchbp.nn.ReLU(), torchbp.nn.Linear(5, 3))
+    with torchbp.DeltaMonitor(model, log=str(tmp_path / "run"), every=1, histogram_every=0, image_every=0):
+        for _ in range(100):
+            torchbp.nn.CrossEntropyLoss()(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    (path,) = (tmp_path / "run").glob("events.out.tfevents.*")
+    assert steps_tensorboard_reads(path) == list(range(100))
+    offset, length = records(path)[52]  # (the file_version event and the custom-scalars layout come first)
+    data = bytearray(path.read_bytes())
+    data[offset + (16 + length // 2 if where == "payload" else 3)] ^= 0x5A
+    path.write_bytes(bytes(data))
+    readable = steps_tensorboard_reads(path)
+    assert readable == list(range(50))
+
+    h = report.read_logdir(tmp_path)["run"]
+    assert h["steps"] == readable
+    (warning,) = h["warnings"]
+    assert path.name in warning and f"after step {readable[-1]} are lost" in warning and f"byte {offset} " in warning
+    status, out, err = run("report", str(tmp_path))
+    assert status == 0 and err == ""
+    flat = " ".join(out.split())
+    assert f"warning: {path.name} is damaged" in flat and f"after step {readable[-1]} are lost" in flat
+    assert "1 warning" in out.splitlines()[-1]
+    status, out, _ = run("report", "--json", str(tmp_path))
+    parsed = json.loads(out)["runs"]["run"]
+    assert status == 0 and parsed["warnings"] == [warning] and parsed["steps"] == readable
+
+
+def test_an_intact_log_has_no_warning(tmp_path):
+    write_run(tmp_path, noisy((5, 10)))
+    h = report.read_logdir(tmp_path)["."]
+    assert "warnings" not in h
+    status, out, _ = run("report", "--json", str(tmp_path))
+    assert json.loads(out)["runs"]["."]["warnings"] == []
+    assert "warning" not in run("report", str(tmp_path))[1]
+
+
+def test_an_event_file_cut_short_at_its_end_is_not_damage(tmp_path):
+    """A record being written (a process killed mid-write, or still running): TensorBoard waits for it too."""
+    write_run(tmp_path, noisy((5, 10)))
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    path.write_bytes(path.read_bytes()[:-7])
+    assert "warnings" not in report.read_logdir(tmp_path)["."]
+
+
+def test_an_all_nan_log_reports_without_numpy_warnings(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    nan = np.full((5, 10), np.nan)
+    with SummaryWriter(str(tmp_path)) as writer:  # every value NaN, every statistic written
+        for step in STEPS:
+            for layer in reversed(LAYERS):
+                for stat in ("delta_norm", "delta_fro", "delta_sample_norm_mean", "delta_gain", "dead_fraction"):
+                    writer.add_scalar(f"{stat}/{layer}", math.nan, step)
+                writer.add_scalar(f"delta_nonfinite/{layer}", 0.0, step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (numpy's "All-NaN slice encountered" is a RuntimeWarning)
+        status, out, err = run("report", str(tmp_path))
+        for arrays in ({}, {"delta_fro": nan, "dead_fraction": nan, "delta_gain": nan}):
+            report.analyze(history(nan, **arrays))
+    assert status == 0 and err == "", err

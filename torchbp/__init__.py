@@ -6,11 +6,12 @@
 - :mod:`torchbp.functional`: the public ``torch.nn.functional``-style functions that apply them.
 - :mod:`torchbp.nn`: drop-in ``torch.nn`` layers and losses built on them, a ``Sequential`` that runs a run of
   layers as one Function (the backprop loop); :func:`convert`.
-- :class:`DeltaMonitor`: the per-layer error δ^l = ∂C/∂z^l, recorded in backward, logged to TensorBoard.
+- :class:`DeltaMonitor`: the per-layer error δ^l = ∂C/∂z^l, recorded in backward, logged to TensorBoard;
+  :func:`monitor_of` finds a model's monitor.
 """
 
 from . import functional, nn
-from .monitor import DeltaMonitor
+from .monitor import DeltaMonitor, monitor_of
 from .nn import (
     GELU,
     BCELoss,
@@ -39,6 +40,7 @@ __all__ = [
     "nn",
     "convert",
     "DeltaMonitor",
+    "monitor_of",
     "Sequential",
     "Linear",
     "Sigmoid",

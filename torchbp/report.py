@@ -162,6 +162,12 @@ def _stat_names() -> tuple[str, ...]:
     return (*STATS, *(stat for stat in EXTRA_STATS if stat not in STATS))
 
 
+def _root_name() -> str:
+    from torchbp.monitor import ROOT_NAME  # (here: the monitor may import this module)
+
+    return ROOT_NAME
+
+
 def _runs(path: str) -> list[str]:
     """The directories under ``path`` (itself included) that hold event files, sorted."""
     runs = []
@@ -182,6 +188,65 @@ def _network_order(seen: list[str], series: Mapping[tuple[str, str], Any]) -> li
     return seen[::-1]
 
 
+def _masked_crc32c():
+    """The masked CRC-32C of TFRecord framing, as a function of the bytes: ``google-crc32c``'s CRC (hardware
+    instructions where the CPU has them) where it is installed, else TensorBoard's own (pure Python).
+
+    .. math:: \\text{masked} = (\\operatorname{rotr}_{15}(\\operatorname{crc32c}(data)) + \\text{0xa282ead8}) \\bmod 2^{32}
+    """
+    try:
+        import google_crc32c
+    except ImportError:
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+        return masked_crc32c
+
+    def masked(data: bytes) -> int:
+        crc = google_crc32c.value(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    return masked
+
+
+def _damage(path: str, masked_crc32c) -> str | None:
+    """What is lost of the event file ``path`` where a record's checksum does not match, or ``None`` if every
+    record's does.
+
+    An event file is a sequence of TFRecords: the payload's length (8 bytes, little-endian), the masked CRC-32C
+    of those 8 bytes, the payload (a serialized ``Event``), its masked CRC-32C. TensorBoard's reader stops at the
+    first record whose checksum fails, and reads nothing of the file after it: the events from there on are lost
+    to TensorBoard and to this report. A record cut short at the end of the file is not damage: a writer may be
+    writing it (TensorBoard waits for it too)."""
+    size = os.path.getsize(path)
+    offset, last = 0, None
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return None
+            length = int.from_bytes(header[:8], "little")
+            if masked_crc32c(header[:8]) != int.from_bytes(header[8:], "little"):
+                break
+            body = f.read(length + 4) if offset + 16 + length <= size else b""
+            if len(body) < length + 4:
+                return None
+            if masked_crc32c(body[:length]) != int.from_bytes(body[length:], "little"):
+                break
+            last, offset = body[:length], offset + 16 + length
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    event = Event.FromString(last) if last is not None else None
+    read = (
+        f"its events after step {event.step} are lost"
+        if event is not None and event.HasField("summary")
+        else "none of its events could be read"
+    )
+    return (
+        f"{os.path.basename(path)} is damaged at byte {offset} of {size} (a checksum does not match): {read} "
+        "(TensorBoard reads no further in this file)"
+    )
+
+
 def read_logdir(path: str | os.PathLike) -> dict[str, History]:
     """Read every run under ``path`` with TensorBoard's ``EventAccumulator``: ``{run: History}``.
 
@@ -190,7 +255,13 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
     Layers come in network order: the monitor writes each step's layers output side first (the order
     backward reaches them), so the reverse of the order in which the events first hold each layer, unless
     the gains show the order is already input side first (the output layer, which has no consumer, has no
-    ``delta_gain``).
+    ``delta_gain``). A tag with an empty layer name (``delta_norm/``: the model itself is the layer) is read
+    as the layer ``model``, the name a monitor gives it.
+
+    Every record's checksum is checked: an event file with a damaged record (TensorBoard's reader stops
+    there, and the rest of the file is lost) gives its run a ``"warnings"`` entry (a list of lines) that names
+    the file and from which step on its events are lost; the run holds the steps that could be read (a run
+    left with no δ statistics is kept, with its warning and no step).
 
     Raises:
         ReportError: ``path`` is missing or not a directory, holds no event files, or none with δ statistics.
@@ -207,9 +278,12 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
         from tensorboard.backend.event_processing import event_accumulator
     except ImportError as e:
         raise ReportError("reading event files needs tensorboard: pip install tensorboard") from e
-    stats = _stat_names()
+    stats, root, crc = _stat_names(), _root_name(), _masked_crc32c()
     out: dict[str, History] = {}
     for run in runs:
+        files = sorted(name for name in os.listdir(run) if "tfevents" in name)
+        damage = [_damage(os.path.join(run, name), crc) for name in files]
+        warnings = [line for line in damage if line is not None]
         acc = event_accumulator.EventAccumulator(run, size_guidance={event_accumulator.SCALARS: 0})
         try:
             acc.Reload()
@@ -218,13 +292,16 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
         series: dict[tuple[str, str], dict[int, float]] = {}
         seen: list[str] = []
         for tag in acc.Tags().get("scalars", []):
-            stat, _, layer = tag.partition("/")
-            if stat not in stats or not layer:
+            stat, slash, layer = tag.partition("/")
+            if stat not in stats or not slash:
                 continue
+            layer = layer or root  # (the model itself)
             if layer not in seen:
                 seen.append(layer)
             series[stat, layer] = {event.step: event.value for event in acc.Scalars(tag)}  # last value per step
         if not series:
+            if warnings:
+                out[os.path.relpath(run, path)] = {"steps": [], "layers": [], "warnings": warnings}
             continue
         layers = _network_order(seen, series)
         steps = sorted({step for values in series.values() for step in values})
@@ -238,6 +315,8 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
                 for step, value in series.get((stat, layer), {}).items():
                     array[i, column[step]] = value
             history[stat] = array
+        if warnings:
+            history["warnings"] = warnings
         out[os.path.relpath(run, path)] = history
     if not out:
         raise ReportError(
@@ -400,7 +479,8 @@ def _exploding(norm, ratio, trend, layers, steps, stat, words) -> list[Finding]:
         )
     with np.errstate(divide="ignore", invalid="ignore"):
         first = np.array([row[np.isfinite(row)][0] if np.isfinite(row).any() else np.nan for row in norm])
-        growth = np.nanmax(np.where(np.isfinite(norm), norm, np.nan), axis=1) / first
+        peak = np.array([row[np.isfinite(row)].max() if np.isfinite(row).any() else np.nan for row in norm])
+        growth = peak / first
     grown = [i for i in range(len(layers)) if np.isfinite(growth[i]) and growth[i] > GROWTH]
     if grown:
         i = max(grown, key=lambda k: growth[k])
@@ -595,6 +675,8 @@ def format_report(
         span = f"{len(steps)} logged steps ({_span(steps)})" if steps else "no logged step"
         shown = layers if len(layers) <= 8 else [*layers[:3], "…", *layers[-2:]]
         lines = [f"run {name}: {len(layers)} layers ({', '.join(shown)}), {span}"]
+        for warning in history.get("warnings", []):
+            lines.append(_wrap(warning, "  warning: ", width))
         for f in findings[name]:
             label = f.kind.upper() if f.problem else f.kind
             lines.append(
@@ -608,13 +690,25 @@ def format_report(
                 )
             )
         blocks.append("\n".join(lines))
+    warned = sum(len(history.get("warnings", [])) for history in runs.values())
     problems = sum(f.problem for fs in findings.values() for f in fs)
     with_problems = [name for name, fs in findings.items() if any(f.problem for f in fs)]
     summary = (
         f"{problems} problem{'s' if problems != 1 else ''} in {len(with_problems)} of {len(runs)} "
         f"run{'s' if len(runs) != 1 else ''}" + (f" ({', '.join(with_problems)})" if with_problems else "")
-    )
+    ) + (f"; {warned} warning{'s' if warned != 1 else ''} (see above)" if warned else "")
     return "\n\n".join(blocks) + f"\n\ntorchbp report: {summary}"
+
+
+def _wrap(text: str, label: str, width: int) -> str:
+    return textwrap.fill(
+        text,
+        width=width,
+        initial_indent=label,
+        subsequent_indent="      ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -626,9 +720,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def to_json(runs: Mapping[str, History], findings: Mapping[str, list[Finding]] | None = None) -> dict[str, Any]:
-    """The report as a JSON-able dict: ``{"runs": {name: {"layers", "steps", "findings": [...]}}}``.
+    """The report as a JSON-able dict: ``{"runs": {name: {"layers", "steps", "warnings": [...], "findings":
+    [...]}}}``.
 
-    Each finding is :class:`Finding`'s fields plus ``"problem"`` (bool); NaN and Inf are ``null``.
+    ``warnings`` are the run's lines about what could not be read (a damaged event file: see
+    :func:`read_logdir`), empty when there are none. Each finding is :class:`Finding`'s fields plus
+    ``"problem"`` (bool); NaN and Inf are ``null``.
     """
     findings = _findings(runs, findings)
     out: dict[str, Any] = {"runs": {}}
@@ -636,6 +733,7 @@ def to_json(runs: Mapping[str, History], findings: Mapping[str, list[Finding]] |
         out["runs"][name] = {
             "layers": list(history["layers"]),
             "steps": [int(s) for s in history["steps"]],
+            "warnings": list(history.get("warnings", [])),
             "findings": [{**_jsonable_dict(asdict(f)), "problem": f.problem} for f in findings[name]],
         }
     return out

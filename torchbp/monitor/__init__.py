@@ -21,6 +21,7 @@ The package, one job per module:
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -54,12 +55,24 @@ from .records import (  # noqa: F401 (the record's columns, re-exported)
 )
 from .schedule import Schedule, StepPlan
 
-__all__ = ["DeltaMonitor", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
+__all__ = ["DeltaMonitor", "monitor_of", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
+
+
+#: The name of a monitored layer that is the model itself (a bare ``torchbp.nn.Linear``): its qualified name is
+#: empty, and a tag needs one (``delta_norm/model``).
+ROOT_NAME = "model"
 
 
 def _monitored_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers a monitor records, by qualified name, in model order: every :class:`torchbp.nn.Linear`."""
-    return {name: m for name, m in model.named_modules() if is_monitored_layer(m)}
+    """The layers a monitor records, by qualified name, in model order: every :class:`torchbp.nn.Linear`; the
+    model itself, if it is one, named :data:`ROOT_NAME`."""
+    layers = {name: m for name, m in model.named_modules() if is_monitored_layer(m)}
+    if "" in layers:
+        root = ROOT_NAME
+        while root in layers:  # (a child of that name: never in a real model)
+            root = "_" + root
+        layers = {(name or root): m for name, m in layers.items()}
+    return layers
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -88,6 +101,38 @@ def _nothing(*args) -> None:
     return None
 
 
+# Which monitor owns each monitored module (a copy of a module is not in it), by a weak reference: the monitor holds
+# the model, so a strong one would keep both alive for ever once dropped together.
+_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _owner(module: nn.Module) -> DeltaMonitor | None:
+    """The monitor that owns ``module``, or ``None``."""
+    ref = _owners.get(module)
+    return None if ref is None else ref()
+
+
+def monitor_of(model: nn.Module) -> DeltaMonitor | None:
+    """The :class:`DeltaMonitor` attached to ``model``'s layers, or ``None``.
+
+    The handle to a monitor that is no longer held (a notebook cell run again): ``torchbp.monitor_of(model).close()``.
+    Where parts of ``model`` have monitors of their own, the one of its first monitored layer (in model order);
+    a compiled or data-parallel wrapper is unwrapped, as by :class:`DeltaMonitor`.
+
+    Example::
+
+        >>> model = torchbp.nn.Linear(4, 2)
+        >>> monitor = torchbp.DeltaMonitor(model)
+        >>> torchbp.monitor_of(model) is monitor
+        True
+    """
+    for module in _unwrap(model).modules():
+        owner = _owner(module) if is_monitored_layer(module) else None
+        if owner is not None:
+            return owner
+    return None
+
+
 class _EndOfBackward:
     """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
     to it tells whether that pass is still running (torch drops it when the pass ends or fails)."""
@@ -103,10 +148,6 @@ class _EndOfBackward:
 
 def _dead_ref() -> None:
     return None
-
-
-# Which monitor owns each monitored module (a copy of a module is not in it).
-_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Replacements:
@@ -226,8 +267,16 @@ class DeltaMonitor:
     ``histogram_every`` steps; a picture of δ per layer and step (the δ map, tag ``delta_map``) every
     ``image_every`` steps, but no sooner after the last one than keeps its drawing (matplotlib, ~0.2 s) under
     1% of the time (``torchbp.monitor.host.IMAGE_SHARE``), and on close. Under ``torch.distributed``, only rank ``log_rank`` writes
-    (default 0). :meth:`history` keeps at most ``max_history`` logged steps (evenly spaced over the run:
-    see :class:`torchbp.monitor.host.History`), so memory is bounded in the run's length.
+    (default 0). :meth:`history` keeps at most ``max_history`` logged steps (evenly spaced over the run, and
+    the newest: see :class:`torchbp.monitor.host.History`), so memory is bounded in the run's length.
+
+    **One monitor per log directory, one per model.** TensorBoard shows one run per directory: a monitor whose
+    log directory another open monitor of this process writes to (however the path is spelled) fails, saying
+    to give each model its own subdirectory; once that one is closed, a new monitor appends to the directory
+    (a resumed run). Monitors sharing one ``SummaryWriter`` of the user's may do so when their layer names
+    differ. A new monitor on a model (or part of one) that another monitor watches closes that one, with a
+    warning naming its log: :func:`monitor_of` finds a model's monitor. A model that is itself the layer (a
+    bare :class:`torchbp.nn.Linear`) is named ``model`` in the tags.
 
     **Copies.** A monitored model can be deep-copied, pickled with ``torch.save`` and wrapped by
     ``torch.optim.swa_utils.AveragedModel``, before and after its first forward pass: the copy is not
@@ -332,7 +381,10 @@ class DeltaMonitor:
         if on_error not in _events.ON_ERROR:
             raise ValueError(f"DeltaMonitor: on_error must be one of {_events.ON_ERROR}, got {on_error!r}")
         self.on_error = on_error
-        self._open(log, log_rank)  # (the writer first: the histograms' schedule depends on it)
+        self._claim = None
+        replaced = _monitors_of(self.layers)  # (replaced once the writer is open: a failure here leaves them be)
+        self._open(log, log_rank, replaced)  # (the writer first: the histograms' schedule depends on it)
+        _replace(replaced)
         self._schedule = Schedule(every, self._histogram_every if self._sink is not None else 0, step)
         widths = [_out_features(layer) for layer in self.layers.values()]
         weights = [layer.weight for layer in self.layers.values()]
@@ -353,6 +405,8 @@ class DeltaMonitor:
             on_error=on_error,
         )
         self._host.history = host.History(len(self.layers), max_history)
+        if self._claim is not None:
+            self._claim.host = self._host
         self._relus: dict[ReLU, ReLUSlot] = {}
         self._gen = 0  # the generation number the next recorded step's records carry (also in the buffer)
         self._latest: tuple[Tensor, int] | None = None  # the last logged step's records and generation
@@ -367,14 +421,22 @@ class DeltaMonitor:
         except BaseException:
             if self._owns_writer:
                 self.writer.close()  # (nothing was attached: nothing is left behind)
+            writer.release_directory(self._claim)
             raise
 
-    def _open(self, log, log_rank) -> None:
+    def _open(self, log, log_rank, replaced: list[DeltaMonitor]) -> None:
         self.writer, self._owns_writer, self._sink = None, False, None
         if log is not None and (log_rank is None or self.rank == log_rank):
             if log_rank is None and self.world_size > 1 and isinstance(log, (str, os.PathLike)):
                 log = os.path.join(os.fspath(log), f"rank{self.rank}")
-            self.writer, self._owns_writer = writer.open_writer(log, self.on_error)
+            owned = isinstance(log, (str, os.PathLike))
+            # (one open monitor per directory; those this one replaces give theirs up)
+            self._claim = writer.claim_directory(log, self, self._names, owned, replaced)
+            try:
+                self.writer, self._owns_writer = writer.open_writer(log, self.on_error)
+            except BaseException:
+                writer.release_directory(self._claim)
+                raise
             self._sink = writer._Sink(self.writer, self.on_error)
 
     # -- the schedule, settable ---------------------------------------------------------------------
@@ -415,6 +477,13 @@ class DeltaMonitor:
         if self._attached and _torch_private.current_graph_task_id() == -1:
             self._arm(self._schedule.arm_next() or self._flow.discovering)
 
+    def _log_shown(self) -> str:
+        """Where the monitor logs, for a message: ``logging to '<directory>'``, or ``without a log``."""
+        directory = self._claim.shown if self._claim is not None else None
+        if directory is None and self.writer is not None:
+            directory = writer.log_directory(self.writer)
+        return f"logging to {directory!r}" if directory is not None else "without a log"
+
     @property
     def step(self) -> int:
         """The step number of the last backward pass (``-1`` before the first)."""
@@ -426,15 +495,19 @@ class DeltaMonitor:
         """Take the model's layers (done by the constructor); they get their slots on the steps that record."""
         if self._attached:
             return self
-        taken = [name for name, layer in self.layers.items() if layer in _owners]
+        taken = [name for name, layer in self.layers.items() if _owner(layer) is not None]
         if taken:
-            raise RuntimeError(f"DeltaMonitor: layer {taken[0]!r} is already monitored; close the other monitor first")
+            other = _owner(self.layers[taken[0]])
+            raise RuntimeError(
+                f"DeltaMonitor: layer {taken[0]!r} is already monitored by another DeltaMonitor "
+                f"({other._log_shown()}); close that one first: torchbp.monitor_of(model).close()"
+            )
         for layer in self.layers.values():
-            _owners[layer] = self
+            _owners[layer] = weakref.ref(self)
         self._relus = {}
         for relu in self.model.modules():
-            if isinstance(relu, ReLU) and relu not in _owners:
-                _owners[relu] = self
+            if isinstance(relu, ReLU) and _owner(relu) is None:
+                _owners[relu] = weakref.ref(self)
                 self._relus[relu] = ReLUSlot()
         # Every backward pass through a monitored layer reaches a parameter's gradient: a hook there tells
         # the monitor a step happened, also when its layers have no slot or the backward ran compiled.
@@ -444,12 +517,18 @@ class DeltaMonitor:
                     self._handles.append(p.register_hook(_Hook(self._parameter_hook)))
         if self._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
             self._handles.append(self.model.register_forward_pre_hook(_Hook(self._before_forward)))
+        # The model holds its monitor while it is attached (also one whose parameters are all frozen), through a
+        # hook that never runs during training: a monitor nobody else holds keeps logging.
+        self._handles.append(self.model.register_load_state_dict_post_hook(_Hook(self._keep)))
         self._attached = True
         self._tree = weakref.WeakKeyDictionary({m: n for n, m in self.model.named_modules()})  # (the model's modules)
         _replacements.watch(self, True)
         self._start_discovery()
         self._arm(True)  # (the first forward pass: it reads the data flow)
         return self
+
+    def _keep(self, module, incompatible_keys) -> None:
+        return None
 
     def detach(self) -> None:
         """Remove the slots: the model runs exactly as without a monitor."""
@@ -459,7 +538,7 @@ class DeltaMonitor:
         self._arm(False)
         for module in [*self.layers.values(), *self._relus]:
             module.__dict__.pop("_torchbp_slot", None)
-            if _owners.get(module) is self:
+            if _owner(module) is self:
                 del _owners[module]
         for handle in self._handles:
             handle.remove()
@@ -515,8 +594,11 @@ class DeltaMonitor:
     def close(self) -> None:
         """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""
         self.detach()
-        self._host.close(self._owns_writer)
-        self._sink = None
+        try:
+            self._host.close(self._owns_writer)
+        finally:
+            self._sink = None
+            writer.release_directory(self._claim)  # (a new monitor may append to the directory: a resumed run)
 
     def __enter__(self) -> DeltaMonitor:
         return self.attach()
@@ -682,7 +764,8 @@ class DeltaMonitor:
         Returns ``{"steps": [...], "layers": [...] (network order, input side first), <stat>: array
         (layers, steps) for each key of STATS}``: NaN where a value does not apply, a layer was not reached,
         or δ was not finite (``delta_nonfinite`` is then 1). Written with a log only; at most
-        ``max_history`` steps, evenly spaced over the run (older steps are thinned by halves when full).
+        ``max_history`` steps: evenly spaced over the run (older steps are thinned by halves when full), and
+        always the newest logged step last.
         """
         if self._sink is not None:
             self._host.write_arrived(wait=True)  # (the steps still on their way to the event file)
@@ -703,6 +786,28 @@ def _check_count(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
     return value
+
+
+def _monitors_of(layers: dict[str, nn.Module]) -> list[DeltaMonitor]:
+    """The monitors attached to any of ``layers``."""
+    others: list[DeltaMonitor] = []
+    for layer in layers.values():
+        other = _owner(layer)
+        if other is not None and other not in others:
+            others.append(other)
+    return others
+
+
+def _replace(others: list[DeltaMonitor]) -> None:
+    """Close ``others``, with one warning each: a new monitor on a monitored model replaces the old one (a
+    notebook cell run again leaves the old one attached, and no handle to it)."""
+    for other in others:
+        warnings.warn(
+            f"DeltaMonitor: closing the monitor already on this model ({other._log_shown()}, last step "
+            f"{other.step}): the new one replaces it",
+            stacklevel=3,
+        )
+        other.close()
 
 
 def _unwrap(model: Any) -> nn.Module:

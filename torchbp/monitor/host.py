@@ -167,44 +167,54 @@ class Layout:
 
 
 class History:
-    """The logged steps' statistics, at most ``columns`` of them, evenly spaced over the whole run.
+    """The logged steps' statistics, at most ``columns`` of them: evenly spaced over the whole run, and the newest.
 
-    Every logged step is kept until ``columns`` are held; then every second one is dropped and, from then
-    on, only every second logged step is kept (every fourth after the next time, and so on). Memory is
-    ``columns × len(STATS) × layers`` floats whatever the run's length.
+    ``columns - 1`` columns hold evenly spaced logged steps: every logged step is kept until they are full; then
+    every second one is dropped and, from then on, only every second logged step is kept (every fourth after
+    the next time, and so on). The last column holds the newest logged step when it is not one of those (it is
+    replaced as new steps arrive), so the history always ends at the last logged step. The first logged step
+    always stays (with ``columns=1``: only the newest). Memory is ``columns × len(STATS) × layers`` floats
+    whatever the run's length.
     """
 
     def __init__(self, layers: int, columns: int = MAX_HISTORY) -> None:
         self.columns = columns
         self.values = np.full((columns, len(STATS), layers), np.nan)
-        self.steps: list[int] = []
+        self.steps: list[int] = []  # the evenly spaced steps held, in values[: len(steps)]
+        self.newest: int | None = None  # the newest logged step when it is not one of them, in values[-1]
         self.stride = 1  # keep every stride-th logged step
         self.seen = 0  # logged steps offered
         self.lock = threading.Lock()
 
     def add(self, steps: list[int], values: np.ndarray) -> None:
         """Logged ``steps`` and their values, shape (steps, STATS, layers)."""
+        spaced = self.columns - 1  # (the last column is the newest step's)
         with self.lock:
             for step, v in zip(steps, values):
                 k, self.seen = self.seen, self.seen + 1
-                if k % self.stride:
-                    continue
-                if len(self.steps) == self.columns:  # full: halve the resolution of what is held
-                    kept = self.values[::2].copy()
-                    self.values[:] = np.nan
+                if spaced and k % self.stride == 0 and len(self.steps) == spaced:
+                    # full: halve the resolution of what is held
+                    kept = self.values[:spaced:2].copy()
+                    self.values[:spaced] = np.nan
                     self.values[: len(kept)] = kept
                     self.steps = self.steps[::2]
                     self.stride *= 2
-                    if k % self.stride:
-                        continue
-                self.values[len(self.steps)] = v
-                self.steps.append(step)
+                if spaced and k % self.stride == 0:
+                    self.values[len(self.steps)] = v
+                    self.steps.append(step)
+                    self.newest = None
+                else:
+                    self.values[-1] = v
+                    self.newest = step
 
     def read(self) -> tuple[list[int], np.ndarray]:
-        """(steps, values of shape (STATS, layers, steps))."""
+        """(steps, values of shape (STATS, layers, steps)), the newest logged step last."""
         with self.lock:
             n = len(self.steps)
-            return list(self.steps), self.values[:n].transpose(1, 2, 0).copy()
+            if self.newest is None:
+                return list(self.steps), self.values[:n].transpose(1, 2, 0).copy()
+            values = np.concatenate([self.values[:n], self.values[-1:]])
+            return [*self.steps, self.newest], values.transpose(1, 2, 0).copy()
 
 
 _logging = weakref.WeakSet()
@@ -414,7 +424,7 @@ class HostSide:
 
     def write_image(self, background: bool) -> None:
         """Draw the δ map of the logged steps so far (matplotlib, in a background thread during training)."""
-        if self.sink is None or not self.history.steps:
+        if self.sink is None or not self.history.seen:
             return
         if self.drawing is not None:
             if background and self.drawing.is_alive():

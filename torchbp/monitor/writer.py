@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import threading
+import warnings
+import weakref
 
 from .. import _torch_private
 from . import events as _events
@@ -112,3 +116,108 @@ def png_size(png: bytes) -> tuple[int, int]:
     """(height, width) from a PNG's IHDR chunk."""
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     return height, width
+
+
+# -- one log directory, one monitor -------------------------------------------------------------------
+
+
+class Claim:
+    """An open monitor's hold on its log directory (see :func:`claim_directory`): the directory as the user
+    named it and its real path, the monitor (a weak reference), the writer and whether the monitor owns it,
+    the layer names its tags use, and its host side (closed in its place if the monitor is collected unclosed)."""
+
+    def __init__(self, shown: str, real: str, monitor, writer, owned: bool, names) -> None:
+        self.shown, self.real, self.monitor = shown, real, weakref.ref(monitor)
+        self.writer, self.owned, self.names = writer, owned, frozenset(names)
+        self.host = None  # (set once the monitor has built it)
+
+    def shares_with(self, other: Claim) -> bool:
+        """Both write through one SummaryWriter of the user's, to different tags (disjoint layer names)."""
+        return not self.owned and not other.owned and self.writer is other.writer and not self.names & other.names
+
+
+_claims: dict[str, list[Claim]] = {}  # real path -> the claims of the monitors logging there
+_claims_lock = threading.Lock()
+
+
+def log_directory(log) -> str | None:
+    """The directory ``log`` (a path, or a SummaryWriter's ``get_logdir()``) names; ``None`` if it names none."""
+    if isinstance(log, (str, os.PathLike)):
+        return os.fspath(log)
+    logdir = getattr(log, "get_logdir", None)
+    return str(logdir()) if callable(logdir) else None
+
+
+def claim_directory(log, monitor, names, owned: bool, replaced=()) -> Claim | None:
+    """Register ``monitor`` (logging its layers ``names``) as the writer of the directory ``log`` names; the
+    monitors it ``replaced`` (closed next) do not count.
+
+    TensorBoard shows one run per directory: two open monitors writing to one directory would mix two models'
+    δ under the same tags (one run, each step twice). So a directory has one open monitor at a time, whatever
+    path string names it (relative or absolute, a trailing slash, a symbolic link); monitors sharing one
+    SummaryWriter of the user's may share it when their layer names differ. A monitor collected without being
+    closed (its model gone too) gives its directory up: its event file is closed here, with one warning. A
+    closed monitor's directory is free: a new monitor appends to it (a resumed run).
+
+    Raises:
+        RuntimeError: another open monitor logs to that directory.
+    """
+    shown = log_directory(log)
+    if shown is None:
+        return None
+    real = os.path.normcase(os.path.realpath(shown))
+    claim = Claim(shown, real, monitor, log if not owned else None, owned, names)
+    for attempt in range(2):
+        with _claims_lock:
+            held = _live_claims(real)
+            blocking = [other for other in held if not claim.shares_with(other) and other.monitor() not in replaced]
+            if not blocking:
+                held.append(claim)
+            if held:
+                _claims[real] = held
+            if not blocking:
+                return claim
+        if attempt == 0:
+            gc.collect()  # (a monitor dropped with its model, not yet collected, gives the directory up)
+    other = blocking[0]
+    holder = other.monitor()
+    model = type(holder.model).__name__ if holder is not None else "model"
+    raise RuntimeError(
+        f"DeltaMonitor: another open DeltaMonitor (of a {model}) already logs to the directory {shown!r} (as "
+        f"{other.shown!r}); TensorBoard shows one run per directory, and two models' δ in one run mix under the same "
+        f"tags: give each model its own subdirectory (e.g. log={os.path.join(shown, 'model2')!r}), or close the other "
+        "monitor first (its close(), or torchbp.monitor_of(its_model).close())"
+    )
+
+
+def _live_claims(real: str) -> list[Claim]:
+    """The claims on ``real`` (of monitors still open: closing releases a claim); those of monitors collected unclosed are closed here."""
+    live = []
+    for claim in _claims.pop(real, []):
+        monitor = claim.monitor()
+        if monitor is None:
+            if claim.host is not None and claim.host.sink is not None:
+                warnings.warn(
+                    f"DeltaMonitor: closing the monitor logging to {claim.shown!r}, whose model is no longer in use "
+                    "(it was not closed)",
+                    stacklevel=5,
+                )
+                try:
+                    claim.host.close(claim.owned)
+                except Exception as e:  # (its on_error="raise": nobody is left to catch it)
+                    warnings.warn(f"DeltaMonitor: closing the log {claim.shown!r} failed: {e}", stacklevel=5)
+        else:  # (open: closing releases its claim)
+            live.append(claim)
+    return live
+
+
+def release_directory(claim: Claim | None) -> None:
+    """The monitor of ``claim`` is closed: its directory is free."""
+    if claim is None:
+        return
+    with _claims_lock:
+        held = [other for other in _claims.get(claim.real, []) if other is not claim]
+        if held:
+            _claims[claim.real] = held
+        else:
+            _claims.pop(claim.real, None)
