@@ -5,7 +5,9 @@ receives. A :class:`DeltaMonitor` gives each :class:`torchbp.nn.Linear` of a mod
 backward passes whose statistics it logs: the backward reduces δ^l and the BP3/BP4 gradients it has
 just computed to a fixed-size record with tensor ops and writes it into a small buffer in place. The same
 code runs eager and under ``torch.compile``; nothing synchronises with the device until a logged step
-copies the buffer out. On the other steps the layers get no slot and run exactly as without a monitor.
+copies the buffer out. On the other steps the layers get a finiteness slot (:class:`records.FiniteSlot`) and
+run exactly as without a monitor, plus one finiteness flag per layer: where a NaN or Inf was born is known on
+every step.
 
 The package, one job per module:
 
@@ -148,13 +150,14 @@ class DeltaMonitor:
     the first backward pass of a logged step is recorded and logged; the others of that step record
     nothing.
 
-    **Free when not logging.** Only a backward pass that is logged (or writes histograms) computes
-    statistics: for the others the layers get no slot, and their forward and backward are exactly those of
-    an unmonitored model (what remains is a hook per monitored parameter that counts the pass). What is not
-    known on an unlogged step: its statistics, including a non-finite δ: a NaN or Inf on an unlogged step
-    is found at the next logged step (where it has usually reached the weights through the optimizer step);
-    ``every=1`` checks every step, at the cost measured by ``benchmarks/bench_monitor.py``. :meth:`latest`,
-    :attr:`first_nonfinite` and :meth:`per_sample_grad_norms` read the last logged step.
+    **Free when not logging, but for a finiteness flag.** Only a backward pass that is logged (or writes
+    histograms) computes statistics: for the others the layers' forward and backward are exactly those of
+    an unmonitored model, plus one finiteness flag per layer (what else remains is a hook per monitored
+    parameter that counts the pass). **Every** backward pass checks each layer's δ, ∂C/∂W, ∂C/∂b and input
+    for a NaN or Inf (a few sums written into a device buffer, no host sync; read at the next logged step,
+    :meth:`flush`, :meth:`close` or :meth:`nonfinite`): :meth:`nonfinite` and :attr:`first_nonfinite` name
+    the step, layer and tensor where it was born, logged or not, and the log holds it (``nonfinite/<layer>``).
+    :meth:`latest` and :meth:`per_sample_grad_norms` read the last logged step.
 
     **Compiled models.** The statistics are tensor ops in the backward, so ``torch.compile`` (also with
     ``fullgraph=True``) compiles them into the backward graph. A logged and an unlogged step run two
@@ -212,6 +215,9 @@ class DeltaMonitor:
             not write (:attr:`dropped`; ``flush()`` and ``close()`` warn with the count, and never raise);
             ``"raise"``: the error is raised by the call that finds it (possibly ``backward()``).
             Default: ``"warn"``.
+        raise_nonfinite: raise ``FloatingPointError`` at the end of the backward pass in which a NaN or Inf
+            was born, naming the tensor, layer and step (reads the flags back every step: a host sync per
+            backward pass; eager and compiled). Default: ``False``.
 
     Example::
 
