@@ -389,7 +389,7 @@ def _births_finding(history: History, layers: list[str], steps: list[int]) -> li
     logged = "" if first_step in steps else " (a step that was not logged)"
     message = (
         f"a NaN or Inf was born at step {first_step}{logged}, in {NONFINITE_WORDS.get(origin.tensor, origin.tensor)} "
-        f"of {origin.layer}"
+        f"of layer {origin.layer}"
         + (f" (at that step also in {', '.join(also)})" if also else "")
         + ". "
         + _ORIGIN_HINT.get(origin.tensor, "")
