@@ -32,6 +32,7 @@ from helpers import (
 import torchbp
 import torchbp.monitor.records as records_module
 from torchbp.monitor.host import History
+from torchbp.monitor.records import LayerSlot as Slot
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TF32.*")
 
@@ -96,7 +97,10 @@ def test_unlogged_steps_compute_no_record_eager(model, monkeypatch, tmp_path):
             if step % every:
                 assert counter.total() == before, f"step {step} is not logged, yet the record math ran"
                 assert torch.equal(monitor._records.buffer.nan_to_num(-7), buffer.nan_to_num(-7)), step
-                assert monitored(bp_model) == [] or step % every == every - 1  # armed only for a logged step
+                recording = [
+                    n for n, m in bp_model.named_modules() if isinstance(m.__dict__.get("_torchbp_slot"), Slot)
+                ]
+                assert recording == [] or step % every == every - 1  # armed (records) only for a logged step
             else:
                 assert counter.total() > before, f"step {step} is logged, yet nothing was recorded"
                 expected = oracle.stats(relu_after)
@@ -349,9 +353,9 @@ def test_a_layer_called_twice_keeps_the_call_whose_backward_ran_last():
     assert stats["delta_sample_norm_max"] == pytest.approx(delta.norm(dim=1).max().item(), rel=1e-12)
 
 
-def test_a_nonfinite_delta_on_an_unlogged_step_is_found_at_the_next_logged_step(tmp_path):
-    """Nothing is computed on an unlogged step, so its NaN is not seen there; SGD carries it into the weights and
-    the next logged step flags it (every=1 would flag the step itself)."""
+def test_a_nonfinite_delta_on_an_unlogged_step_is_found_at_its_step(tmp_path):
+    """An unlogged step computes one finiteness flag per layer: its NaN is found at its own step (the input of the
+    first layer), and the next logged step, to which SGD carried it, flags δ there too."""
     _, bp_model, _ = make_models(mixed_mlp, "cpu")
     opt = torch.optim.SGD(bp_model.parameters(), lr=0.1)
     data = batches(3)
@@ -367,5 +371,6 @@ def test_a_nonfinite_delta_on_an_unlogged_step_is_found_at_the_next_logged_step(
                 opt.step()
                 flagged.append(monitor.first_nonfinite)
             monitor.flush()
-    assert flagged == [None, None, "4"]  # step 1's NaN: unseen at step 1 (latest() is step 0), found at step 2
+    assert flagged == [None, "0", "0"]  # step 1's NaN: found at step 1, in the first layer's input
+    assert monitor.nonfinite() == (1, "0", "input")
     assert scalar_series(read_events(tmp_path), "delta_nonfinite/4") == {0: 0.0, 2: 1.0}

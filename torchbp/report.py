@@ -11,7 +11,8 @@ A :data:`History` is the dict :meth:`torchbp.DeltaMonitor.history` returns and :
 
     {"steps":  list[int],            # the logged steps, increasing
      "layers": list[str],            # the monitored layers, network order (input side first)
-     <stat>:   np.ndarray (layers, steps), float64, NaN where the layer has no value at that step}
+     <stat>:   np.ndarray (layers, steps), float64, NaN where the layer has no value at that step,
+     "nonfinite": list of {"step", "layer", "tensor"}}  # only where a NaN or Inf was born (see below)
 
 one array for each statistic of :data:`torchbp.monitor.STATS` the run holds (``delta_norm``,
 ``delta_sample_norm_mean``, ``delta_sample_norm_max``, ``weight_grad_norm``, ``delta_gain``,
@@ -53,6 +54,9 @@ is exactly zero; ``delta_norm`` ≈ 1e-10 there says nothing about δ). Every fi
     of :data:`DEAD_FRACTION` (50%) or more at :data:`PERSIST` or more steps. Our choice: half the layer gives
     no gradient to its weights.
 ``nonfinite``
+    Where the monitor saw a NaN or Inf born (tags ``nonfinite/<layer>``, checked on every step, logged or
+    not: the history's ``"nonfinite"``, a list of ``{"step", "layer", "tensor"}``): the first step, the layer
+    and the tensor (a layer's input, δ, ∂C/∂W or ∂C/∂b). A log without them (an older monitor's):
     ``delta_nonfinite`` at any step: the first step, and at that step the first layer backward reached
     (nearest the output side) whose δ held a NaN or an Inf, the layers with it, and how many steps had one.
 ``stalled``
@@ -291,8 +295,11 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
             raise ReportError(f"cannot read the event files in {run!r}: {type(e).__name__}: {e}") from None
         series: dict[tuple[str, str], dict[int, float]] = {}
         seen: list[str] = []
+        births = []
         for tag in acc.Tags().get("scalars", []):
             stat, slash, layer = tag.partition("/")
+            if stat == "nonfinite" and slash:  # where a NaN or Inf was born: the value is 1 + the tensor's index
+                births += [_birth(event.step, layer or root, event.value) for event in acc.Scalars(tag)]
             if stat not in stats or not slash:
                 continue
             layer = layer or root  # (the model itself)
@@ -317,6 +324,8 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
             history[stat] = array
         if warnings:
             history["warnings"] = warnings
+        if births:
+            history["nonfinite"] = sorted(births, key=lambda b: b["step"])
         out[os.path.relpath(run, path)] = history
     if not out:
         raise ReportError(
@@ -430,7 +439,57 @@ def analyze(history: History) -> list[Finding]:
     return findings + info
 
 
+def _birth(step: int, layer: str, value: float) -> dict[str, Any]:
+    from torchbp.monitor import NONFINITE_TENSORS  # (here: the monitor may import this module)
+
+    k = int(round(value)) - 1
+    return {"step": int(step), "layer": layer, "tensor": NONFINITE_TENSORS[k] if 0 <= k < 4 else "delta"}
+
+
+def _births_finding(history: History, layers: list[str], steps: list[int]) -> list[Finding]:
+    """Where the monitor saw a NaN or Inf born (``history["nonfinite"]``: checked on every step, logged or not)."""
+    from torchbp.monitor import NONFINITE_WORDS, Nonfinite
+
+    births = [Nonfinite(int(b["step"]), str(b["layer"]), str(b["tensor"])) for b in history["nonfinite"]]
+    if not births:
+        return []
+    first_step = min(b.step for b in births)
+    at_first = [b for b in births if b.step == first_step]
+    order = {"input": 0, "delta": 1, "bias_grad": 1, "weight_grad": 2}
+    position = {name: i for i, name in enumerate(layers)}  # (network order, input side first)
+
+    def rank(b: Nonfinite) -> tuple:
+        i = position.get(b.layer, 0)
+        return (order.get(b.tensor, 1), i if b.tensor == "input" else -i)
+
+    origin = min(at_first, key=rank)
+    names = [origin.layer] + sorted({b.layer for b in at_first} - {origin.layer}, key=lambda n: position.get(n, 0))
+    also = sorted({f"{NONFINITE_WORDS.get(b.tensor, b.tensor)} of {b.layer}" for b in at_first if b != origin})
+    logged = "" if first_step in steps else " (a step that was not logged)"
+    message = (
+        f"a NaN or Inf was born at step {first_step}{logged}, in {NONFINITE_WORDS.get(origin.tensor, origin.tensor)} "
+        f"of layer {origin.layer}"
+        + (f" (at that step also in {', '.join(also)})" if also else "")
+        + ". "
+        + _ORIGIN_HINT.get(origin.tensor, "")
+    )
+    return [Finding("nonfinite", names, [first_step], [float(len(at_first))], message, "nonfinite")]
+
+
+_ORIGIN_HINT = {
+    "input": "A non-finite input reaches every layer after it in forward: look at what entered the layer named "
+    "(the data, e.g. a padded row a loss ignores, or the layer before it: its weights).",
+    "delta": "A NaN or Inf in the loss or the output layer's δ reaches every layer below it (BP2): look at what "
+    "entered the layer named first.",
+    "bias_grad": "A NaN or Inf in the loss or the output layer's δ reaches every layer below it (BP2): look at what "
+    "entered the layer named first.",
+    "weight_grad": "δ and the layer's input were finite: the product overflowed.",
+}
+
+
 def _nonfinite(history: History, layers: list[str], steps: list[int]) -> list[Finding]:
+    if history.get("nonfinite"):
+        return _births_finding(history, layers, steps)
     flags = _array(history, "delta_nonfinite")
     if flags is None:
         return []

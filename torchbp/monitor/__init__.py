@@ -5,7 +5,9 @@ receives. A :class:`DeltaMonitor` gives each :class:`torchbp.nn.Linear` of a mod
 backward passes whose statistics it logs: the backward reduces δ^l and the BP3/BP4 gradients it has
 just computed to a fixed-size record with tensor ops and writes it into a small buffer in place. The same
 code runs eager and under ``torch.compile``; nothing synchronises with the device until a logged step
-copies the buffer out. On the other steps the layers get no slot and run exactly as without a monitor.
+copies the buffer out. On the other steps the layers get a finiteness slot (:class:`records.FiniteSlot`) and
+run exactly as without a monitor, plus one finiteness flag per layer: where a NaN or Inf was born is known on
+every step.
 
 The package, one job per module:
 
@@ -21,10 +23,11 @@ The package, one job per module:
 from __future__ import annotations
 
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -44,8 +47,12 @@ from .records import (  # noqa: F401 (the record's columns, re-exported)
     FRO,
     GEN,
     HISTOGRAM_BINS,
+    NONFINITE_TENSORS,
+    NONFINITE_WORDS,
     STATS,
     WEIGHT_NORM,
+    Finiteness,
+    FiniteSlot,
     LayerSlot,
     Records,
     ReLUSlot,
@@ -55,12 +62,24 @@ from .records import (  # noqa: F401 (the record's columns, re-exported)
 )
 from .schedule import Schedule, StepPlan
 
-__all__ = ["DeltaMonitor", "monitor_of", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
+__all__ = ["DeltaMonitor", "monitor_of", "Nonfinite", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
 
 
 #: The name of a monitored layer that is the model itself (a bare ``torchbp.nn.Linear``): its qualified name is
 #: empty, and a tag needs one (``delta_norm/model``).
 ROOT_NAME = "model"
+
+
+class Nonfinite(NamedTuple):
+    """Where a non-finite value (NaN or Inf) was born: the ``step``, the ``layer`` (qualified name) and the
+    ``tensor`` (one of ``"delta"``, ``"input"``, ``"weight_grad"``, ``"bias_grad"``)."""
+
+    step: int
+    layer: str
+    tensor: str
+
+    def __str__(self) -> str:
+        return f"{NONFINITE_WORDS[self.tensor]} of layer {self.layer!r} at step {self.step}"
 
 
 def _monitored_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -241,13 +260,14 @@ class DeltaMonitor:
     be set after construction (from the next forward pass). A layer replaced or added after attaching is
     not monitored, with one warning naming it: make a new monitor after changing the model.
 
-    **Free when not logging.** Only a backward pass that is logged (or writes histograms) computes
-    statistics: for the others the layers get no slot, and their forward and backward are exactly those of
-    an unmonitored model (what remains is a hook per monitored parameter that counts the pass). What is not
-    known on an unlogged step: its statistics, including a non-finite δ: a NaN or Inf on an unlogged step
-    is found at the next logged step (where it has usually reached the weights through the optimizer step);
-    ``every=1`` checks every step, at the cost measured by ``benchmarks/bench_monitor.py``. :meth:`latest`,
-    :attr:`first_nonfinite` and :meth:`per_sample_grad_norms` read the last logged step.
+    **Free when not logging, but for a finiteness flag.** Only a backward pass that is logged (or writes
+    histograms) computes statistics: for the others the layers' forward and backward are exactly those of
+    an unmonitored model, plus one finiteness flag per layer (what else remains is a hook per monitored
+    parameter that counts the pass). **Every** backward pass checks each layer's δ, ∂C/∂W, ∂C/∂b and input
+    for a NaN or Inf (a few sums written into a device buffer, no host sync; read at the next logged step,
+    :meth:`flush`, :meth:`close` or :meth:`nonfinite`): :meth:`nonfinite` and :attr:`first_nonfinite` name
+    the step, layer and tensor where it was born, logged or not, and the log holds it (``nonfinite/<layer>``).
+    :meth:`latest` and :meth:`per_sample_grad_norms` read the last logged step.
 
     **Compiled models.** The statistics are tensor ops in the backward, so ``torch.compile`` (also with
     ``fullgraph=True``) compiles them into the backward graph. A logged and an unlogged step run two
@@ -313,6 +333,9 @@ class DeltaMonitor:
             not write (:attr:`dropped`; ``flush()`` and ``close()`` warn with the count, and never raise);
             ``"raise"``: the error is raised by the call that finds it (possibly ``backward()``).
             Default: ``"warn"``.
+        raise_nonfinite: raise ``FloatingPointError`` at the end of the backward pass in which a NaN or Inf
+            was born, naming the tensor, layer and step (reads the flags back every step: a host sync per
+            backward pass; eager and compiled). Default: ``False``.
 
     Example::
 
@@ -340,6 +363,7 @@ class DeltaMonitor:
         step: Callable[[], int] | None = None,
         max_history: int = MAX_HISTORY,
         on_error: str = "warn",
+        raise_nonfinite: bool = False,
     ) -> None:
         model = _unwrap(model)
         if every is None:
@@ -391,10 +415,19 @@ class DeltaMonitor:
         dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
         self._records = Records(widths, dtype, weights[0].device, self.global_stats and self.world_size > 1)
         self._flow = DataFlow(len(self.layers))
+        self._finite = Finiteness(len(self.layers), weights[0].device)
         self._slots = {
-            name: LayerSlot(self._records, self._flow, name, row, self.per_sample_norms, self._backward_seen)
+            name: LayerSlot(
+                self._records, self._flow, name, row, self.per_sample_norms, self._backward_seen, self._finite
+            )
             for row, name in enumerate(self.layers)
         }
+        self._finite_slots = {name: FiniteSlot(self._finite, row) for row, name in enumerate(self.layers)}
+        self.raise_nonfinite = bool(raise_nonfinite)
+        self._pass_steps: dict[int, int] = {}  # backward pass number -> its step, for the passes not yet read
+        self._births: dict[tuple[int, int], int] = {}  # (row, tensor) -> the step its non-finite value was born
+        self._births_copy: tuple[host.HostCopy, int] | None = None  # a copy of the births on its way to the host
+        self._births_written: set[int] = set()  # the rows whose birth is in the log
         self._host = HostSide(
             Layout(widths, self._records.vector_at, self._flow),
             self._names,
@@ -560,15 +593,16 @@ class DeltaMonitor:
         )
 
     def _arm(self, on: bool) -> None:
-        """Hand the layers their slots (``on``) or none, for the coming forward and backward pass. Under
-        torch.compile, Dynamo guards on these attributes: a compiled graph with records and one without."""
+        """Hand the layers their slots (``on``) or their finiteness slots, for the coming forward and backward pass.
+        Under torch.compile, Dynamo guards on these attributes: a compiled graph with records and one with the
+        finiteness flags only."""
         on = on and self._attached
         if on == self._armed:
             return
         self._armed = on
         self._dirty = self._dirty or on
-        for name, layer in self.layers.items():
-            layer._torchbp_slot = self._slots[name] if on else None
+        for name, layer in self.layers.items():  # (off: the finiteness flags only)
+            layer._torchbp_slot = self._slots[name] if on else self._finite_slots[name]
         for relu, slot in self._relus.items():
             relu._torchbp_slot = slot if on else None
 
@@ -580,7 +614,9 @@ class DeltaMonitor:
         self._arm(self._schedule.arm_now() or self._flow.discovering)
 
     def flush(self) -> None:
-        """Block until every step logged so far is written and handed to the operating system."""
+        """Block until every step logged so far is written and handed to the operating system, with where a
+        non-finite value was born (tag ``nonfinite/<layer>``) if one was."""
+        self._read_births(wait=True)
         if self._sink is not None:
             self._host.flush()
 
@@ -594,6 +630,10 @@ class DeltaMonitor:
     def close(self) -> None:
         """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""
         self.detach()
+        if self._finite.pending is not None:  # (with a GradScaler: its verdict on the last backward pass)
+            scale = self.scaler._scale if self.scaler is not None else None
+            self._finite.settle(scale)
+        self._read_births(wait=True)
         try:
             self._host.close(self._owns_writer)
         finally:
@@ -636,6 +676,7 @@ class DeltaMonitor:
         if task != self._task and not self._nested(task):  # the first of a new backward pass
             self._task = task
             plan = self._schedule.begin()
+            self._pass_steps[self._schedule.passes - 1] = plan.step
             if plan.record:
                 self._records.hists = {}
                 if self.per_sample_norms:
@@ -673,6 +714,8 @@ class DeltaMonitor:
         self._end_discovery()  # (the data flow is read by now: forward passes and recomputed ones)
         plan, gen = self._schedule.plan, self._gen
         self._records.flush()  # (the eager records of this backward pass, all layers at once)
+        scale = self.scaler._scale if self.scaler is not None else None
+        born = self._finite.end_of_backward(self._schedule.passes, scale)  # (a few tensor ops, no host sync)
         if plan.record and self._dirty:  # (recorded: its layers had their slots)
             scale = None
             if self.scaler is not None and self.scaler._scale is not None:
@@ -700,6 +743,16 @@ class DeltaMonitor:
         self._dirty = False
         self._arm(self._schedule.arm_next())
         self._dirty = self._armed
+        if plan.logged:  # the births so far, on their way to the host (read at the next logged step or on demand)
+            self._read_births(wait=False)
+            self._births_copy = (host.HostCopy([self._finite.births.clone()]), self._schedule.passes)
+            self._read_births(wait=False)
+        if self.raise_nonfinite and bool(born.any()):  # (a host sync per backward pass)
+            self._read_births(wait=True)
+            raise FloatingPointError(
+                f"DeltaMonitor: a NaN or Inf was born in {self.nonfinite()} (raise_nonfinite=True); the backward "
+                "pass stopped here, its gradients are not all written. Look at what entered that layer"
+            )
 
     def _submit_global(self, plan: StepPlan, gen: int, snapshot: Tensor, scale: Tensor | None) -> None:
         # After DistributedDataParallel's own end-of-backward callback (queued before this one), which
@@ -738,13 +791,90 @@ class DeltaMonitor:
         table = self._host.layout.table(snapshot.cpu().double().numpy()[None], np.array([gen]))
         return table[0].as_dict(self._names)
 
+    # -- where a non-finite value was born ---------------------------------------------------------------
+
+    def _read_births(self, wait: bool) -> None:
+        """Read the births of non-finite values into ``_births`` (steps, from the pass numbers) and write the new
+        ones to the log: from the copy a logged step started (when it has arrived, or waited for), or, with
+        ``wait``, from the device buffer itself (a host sync)."""
+        if self._births_copy is not None and (wait or self._births_copy[0].ready()):
+            (births,), upto = self._births_copy[0].wait(), self._births_copy[1]
+            self._births_copy = None
+            self._take_births(births, upto)
+        if wait:
+            self._take_births(self._finite.births.cpu().numpy(), self._schedule.passes)
+
+    def _take_births(self, births: np.ndarray, upto: int) -> None:
+        new = []
+        for row, k in zip(*np.nonzero(births >= 0)):
+            key = (int(row), int(k))
+            if key not in self._births:
+                number = int(births[row, k])
+                self._births[key] = self._pass_steps.get(number, number)
+                new.append(key)
+        # (pass numbers before the copy's are read; with a GradScaler the last one may still be settled)
+        for number in [n for n in self._pass_steps if n < upto - 1]:
+            del self._pass_steps[number]
+        if new and self._sink is not None:  # one event per layer: its first birth, the tensor nonfinite() would name
+            first: dict[int, Nonfinite] = {}
+            for birth in self.nonfinite(all=True, read=False):
+                first.setdefault(self._names.index(birth.layer), birth)
+            with self._host.lock:
+                for row, birth in first.items():
+                    if row not in self._births_written:
+                        self._births_written.add(row)
+                        code = float(NONFINITE_TENSORS.index(birth.tensor) + 1)
+                        event = _events.ScalarEvents([f"nonfinite/{birth.layer}"]).event(
+                            birth.step, time.time(), [code]
+                        )
+                        self._host.sink.write(event)
+        if new and self._sink is not None and self._host.warn_nonfinite:
+            self._host.warn_once("nonfinite-birth", f"a NaN or Inf was born in {self.nonfinite(read=False)}")
+
+    def nonfinite(self, all: bool = False, read: bool = True) -> Nonfinite | list[Nonfinite] | None:
+        """Where the first non-finite value (NaN or Inf) of the run was born: a :class:`Nonfinite` (``step``,
+        ``layer``, ``tensor``), or ``None`` while every δ, ∂C/∂W, ∂C/∂b and layer input was finite; with ``all``,
+        the first birth of each layer and tensor, earliest first.
+
+        Every backward pass, logged or not, checks these tensors (see the class docstring); reading synchronises
+        with the device once. At the first step with a birth, a non-finite *input* is named first (forward ran
+        before backward), at the layer nearest the model's input; else a non-finite δ or ∂C/∂b at the layer
+        backward reached first (nearest the output: BP2 carries it to every layer below); else ∂C/∂W (an
+        overflow of finite δ and inputs). Steps a GradScaler skipped for overflow are not births
+        (:attr:`skipped_steps`). ``read=False``: what was read already, without a host sync."""
+        if read:
+            self._read_births(wait=True)
+        if not self._births:
+            return [] if all else None
+        order = {"input": 0, "delta": 1, "bias_grad": 1, "weight_grad": 2}
+
+        def rank(key: tuple[int, int]) -> tuple:
+            row, k = key
+            tensor = NONFINITE_TENSORS[k]
+            position = -row if tensor == "input" else row  # rows are in backward order (the output layer first)
+            return (self._births[key], order[tensor], position, k)
+
+        ranked = [
+            Nonfinite(self._births[key], self._names[key[0]], NONFINITE_TENSORS[key[1]])
+            for key in sorted(self._births, key=rank)
+        ]
+        return ranked if all else ranked[0]
+
     @property
     def first_nonfinite(self) -> str | None:
-        """The first layer, in backward order, whose δ was not finite in the last logged step."""
-        for name, stats in self.latest().items():
-            if stats["delta_nonfinite"]:
-                return name
-        return None
+        """The layer where the run's first non-finite value was born (:meth:`nonfinite`'s ``layer``), or ``None``.
+
+        Found on any step, logged or not (each backward pass checks δ, ∂C/∂W, ∂C/∂b and the layer's input); the
+        step and the tensor are :meth:`nonfinite`'s."""
+        birth = self.nonfinite()
+        return None if birth is None else birth.layer
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many backward passes held a non-finite value that the GradScaler (``scaler=``) then skipped as an
+        overflow (its scale fell): routine in mixed precision, not births of a NaN. Known for a pass at the next
+        backward pass or :meth:`close`."""
+        return int(self._finite.skipped)
 
     def per_sample_grad_norms(self) -> dict[str, dict[str, Tensor | None]]:
         """Per layer, each sample's ‖∂C_n/∂W‖ and ‖∂C_n/∂b‖ from the last recorded backward pass.
@@ -769,7 +899,11 @@ class DeltaMonitor:
         """
         if self._sink is not None:
             self._host.write_arrived(wait=True)  # (the steps still on their way to the event file)
-        return self._host.read_history()
+        history = self._host.read_history()
+        births = self.nonfinite(all=True)
+        if births:
+            history["nonfinite"] = [birth._asdict() for birth in births]
+        return history
 
     def report(self, name: str = "monitor") -> str:
         """What the δ statistics of :meth:`history` say, in words: :func:`torchbp.report.format_report` of

@@ -33,6 +33,7 @@ from torch import Tensor
 from . import dataflow, ranks
 from . import events as _events
 from .records import (
+    COUNT,
     DEAD,
     DEAD_GEN,
     DELTA_NORM,
@@ -152,17 +153,21 @@ class Layout:
         else:
             gen = np.asarray(gen, dtype=np.float64)[..., None]
             merged, reached = records[..., :-1, :].astype(np.float64), records[..., :-1, GEN] == gen
-        fro = merged[..., FRO]
+        empty = merged[..., COUNT] == 0  # a batch of 0 rows: no statistics (not zeros: not a vanished δ)
+        fro = np.where(empty, np.nan, merged[..., FRO])
         gain, has_gain = dataflow.gains(fro, reached, self.flow.matrix())
         with np.errstate(divide="ignore", invalid="ignore"):
             dead = np.where(self.outs > 0, 1 - merged[..., DEAD] / self.outs, 0.0)  # (the record: active units)
         has_dead = merged[..., DEAD_GEN] == gen
-        has_weight = merged[..., WEIGHT_NORM] >= 0
-        nonfinite = ~np.isfinite(fro)  # a NaN or Inf anywhere in δ reaches its norm (as does |δ| > 1e19 in float32)
+        has_weight = ~(merged[..., WEIGHT_NORM] < 0)  # (−1: not computed; NaN: computed, not finite)
+        nonfinite = (
+            ~np.isfinite(fro) & ~empty
+        )  # a NaN or Inf anywhere in δ reaches its norm (as does |δ| > 1e19 in float32)
         norms = [merged[..., c] for c in (DELTA_NORM, FRO, SAMPLE_MEAN, SAMPLE_MAX, WEIGHT_NORM)]
         values = np.stack([*norms, gain, dead, nonfinite.astype(np.float64)], axis=-2)  # (the order of STATS)
         ones = np.ones_like(reached)
-        present = np.stack([ones, ones, ones, ones, has_weight, has_gain, has_dead, ones], axis=-2)
+        some = ~empty
+        present = np.stack([some, some, some, some, has_weight & some, has_gain & some, has_dead & some, ones], axis=-2)
         return Table(values, present & reached[..., None, :], reached, nonfinite)
 
 

@@ -8,6 +8,9 @@ has just computed; the slot reduces them to a fixed-size row of :class:`Records`
 in place, on δ's device, without a host sync: the same code eager and compiled. A ReLU right after the
 layer calls ``slot.record_relu(a)``, which writes its count of active units.
 
+On every other backward pass the layer carries a :class:`FiniteSlot` instead, whose ``record`` computes one
+finiteness flag per tensor (:func:`finite_sums`) into :class:`Finiteness`' small device buffer, and nothing else.
+
 The slot interface (what the Functions use): ``record(delta, input, grad_weight, grad_bias)``,
 ``record_relu(a)``, ``needs_input``, ``discovering``, ``discover(input)``, ``consumes(producer)``; a
 ReLU's slot (:class:`ReLUSlot`) has ``target``.
@@ -47,6 +50,23 @@ HISTOGRAM_BINS = 64
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}  # dtype of sums over half-precision δ
 
 
+#: The tensors whose finiteness every backward pass checks, in the columns of :class:`Finiteness`; a TensorBoard
+#: tag ``nonfinite/<layer>`` holds ``1 +`` the index of the tensor a non-finite value was born in, at its step.
+NONFINITE_TENSORS = ("delta", "input", "weight_grad", "bias_grad")
+#: How each is named in messages.
+NONFINITE_WORDS = {
+    "delta": "δ = ∂C/∂z",
+    "input": "the input a^{l-1}",
+    "weight_grad": "∂C/∂W",
+    "bias_grad": "∂C/∂b",
+}
+
+
+def _samples(t: Tensor) -> Tensor:
+    """t as (samples, values): one row per sample n (a 1-D t is one sample); also for a batch of 0 rows."""
+    return t.flatten(1) if t.dim() > 1 else t.reshape(1, -1)
+
+
 def _row_norms(t: Tensor) -> Tensor:
     """‖t_n‖ of each row of a 2-D t, accumulated as :func:`_norm`."""
     return torch.linalg.vector_norm(t, dim=1, dtype=_ACCUMULATE.get(t.dtype))
@@ -69,17 +89,18 @@ def layer_record(
     ‖Σ_n δ_n‖ (= ‖∂C/∂b‖, BP3), ‖∂C/∂W‖ (BP4; −1 when not computed), the mean and max over samples n of
     ‖δ_n‖, ‖δ‖ over the batch, the number of samples (with ``count``; else NaN), and ``gen``, the step's
     generation number (a 0-d tensor). δ is read once (‖δ_n‖ per row; ‖δ‖ is the norm of those), the weight
-    gradient once, and the record is one ``stack`` into ``out``.
+    gradient once, and the record is one ``stack`` into ``out``. A batch of 0 rows writes a sample count of 0
+    (with or without ``count``): the host then reads its statistics as absent, not as zeros.
     """
     n = delta.shape[0] if delta.dim() > 1 else 1
-    per_sample = _row_norms(delta.reshape(n, -1))  # ‖δ_n‖, one pass over δ
+    per_sample = _row_norms(_samples(delta))  # ‖δ_n‖, one pass over δ
     bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3: Σ_n δ_n
     if n:
         mean, largest = per_sample.mean(), per_sample.amax()
     else:
         mean = largest = per_sample.new_zeros(())
     weight_norm = _norm(grad_weight) if grad_weight is not None else per_sample.new_full((), -1.0)
-    samples = per_sample.new_full((), n if count else math.nan)
+    samples = per_sample.new_full((), n if count or not n else math.nan)
     values = [_norm(bias_grad), weight_norm, mean, largest, torch.linalg.vector_norm(per_sample), samples, gen]
     return torch.stack(values, out=out)  # (stack casts to out's dtype)
 
@@ -139,14 +160,13 @@ def _per_sample_grad_norms(
     two Gram matrices (or the explicit (out, in) sum when that is smaller than T×T). ``delta_norms``: the
     ‖δ_n‖ already computed for the layer's record, if any.
     """
-    n = delta.shape[0] if delta.dim() > 1 else 1
     if delta.dim() <= 2:
         if delta_norms is None:
-            delta_norms = _row_norms(delta.reshape(n, -1))
-        a_norms = _row_norms(a.reshape(n, -1))
+            delta_norms = _row_norms(_samples(delta))
+        a_norms = _row_norms(_samples(a))
         return {"weight": delta_norms * a_norms, "bias": delta_norms if has_bias else None}
-    d3 = delta.reshape(n, -1, delta.shape[-1])
-    a3 = a.reshape(n, -1, a.shape[-1]).to(d3.dtype)
+    d3 = delta.flatten(1, -2)
+    a3 = a.flatten(1, -2).to(d3.dtype)
     t = d3.shape[1]
     if t * t <= d3.shape[2] * a3.shape[2]:
         sq = ((d3 @ d3.mT) * (a3 @ a3.mT)).sum((1, 2))
@@ -214,8 +234,7 @@ class Records:
         norms of the bias and weight gradients in one ``_foreach_norm``) and the rest for every layer of the
         backward pass at once, in :meth:`flush`. Nothing of δ or the gradients is held (a gradient held past
         its Function's return would make autograd copy it into ``.grad``). Returns ‖δ_n‖."""
-        n = delta.shape[0] if delta.dim() > 1 else 1
-        per_sample = _row_norms(delta.reshape(n, -1))  # ‖δ_n‖, one pass over δ
+        per_sample = _row_norms(_samples(delta))  # ‖δ_n‖, one pass over δ
         bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3
         grads = [bias_grad] if grad_weight is None else [bias_grad, grad_weight]
         norms = torch._foreach_norm(grads, 2, dtype=_ACCUMULATE.get(bias_grad.dtype))  # BP3 and BP4, one pass each
@@ -246,13 +265,18 @@ class Records:
             mean = torch.stack([v.mean() if v.numel() else zero for v in per])
             largest = torch.stack([v.amax() if v.numel() else zero for v in per])
             fro = torch.stack([torch.linalg.vector_norm(v) for v in per])
+        counts = self._nan[: len(batch)]
+        if 0 in lengths:  # a batch of 0 rows: its count is 0, read by the host as "no statistics"
+            counts = torch.tensor([math.nan if p.per_sample.numel() else 0.0 for p in batch], dtype=dtype).to(
+                buffer.device
+            )
         layers = len(batch)
         norms = [cast(p.bias_norm) for p in batch] + [
             self._minus_one if p.weight_norm is None else cast(p.weight_norm) for p in batch
         ]
         norms = torch.stack(norms).view(2, layers)
         gen = self._gen.expand(layers)
-        columns = [norms[0], norms[1], mean, largest, fro, self._nan[:layers], gen]  # DELTA_NORM … GEN
+        columns = [norms[0], norms[1], mean, largest, fro, counts, gen]  # DELTA_NORM … GEN
         block = torch.stack(columns, dim=1)
         key = tuple(p.row for p in batch)
         rows = self._rows.get(key)
@@ -280,8 +304,18 @@ class LayerSlot:
     nothing. ``flow`` is the monitor's :class:`torchbp.monitor.dataflow.DataFlow`.
     """
 
-    def __init__(self, records: Records, flow, name: str, row: int, per_sample_norms: bool, on_backward: Callable):
+    def __init__(
+        self,
+        records: Records,
+        flow,
+        name: str,
+        row: int,
+        per_sample_norms: bool,
+        on_backward: Callable,
+        finite: Finiteness | None = None,
+    ):
         self.records = records
+        self.finite = finite  # (the finiteness flags, written on every backward pass, recorded or not)
         self.flow = flow
         self.name = name
         self.row = row
@@ -299,6 +333,8 @@ class LayerSlot:
         """Called by LinearFunction.backward with δ^l = ∂C/∂z^l and the gradients it computed."""
         records = self.records
         if torch.compiler.is_compiling():  # traced into the compiled backward: the tensor ops only
+            if self.finite is not None:
+                self.finite.add(self.row, delta, input, grad_weight, grad_bias)
             buffer = records.buffer
             layer_record(delta, grad_weight, grad_bias, buffer[-1, 0], buffer[self.row, :DEAD], records.with_vectors)
             self._record_vector(delta, grad_bias)
@@ -306,10 +342,13 @@ class LayerSlot:
         if _torch_private.is_functorch_wrapped(delta):
             return  # inside a torch.func transform: not a backward pass
         plan = self.on_backward(delta)
-        if not plan.record:
-            return  # (a step the schedule armed for but does not record: several backward passes per step)
         with _no_grad():
             d = delta.detach() if delta.requires_grad else delta
+            if self.finite is not None:
+                self.finite.follow(d)
+                self.finite.add(self.row, d, input, grad_weight, grad_bias)
+            if not plan.record:
+                return  # (a step the schedule armed for but does not record: several backward passes per step)
             delta_norms = None
             if records.with_vectors:  # (global statistics also need the sample count)
                 gen, row, _ = records.views[self.row]
@@ -362,6 +401,135 @@ class LayerSlot:
         element-wise operations only are its producers; this layer is their consumer (for delta_gain)."""
         for producer in self.flow.producers(input.grad_fn):
             self.flow.add(producer.row, self.row)
+
+
+def finite_sums(
+    delta: Tensor, input: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None, zero: Tensor
+) -> Tensor:
+    r"""Four sums, one per tensor of :data:`NONFINITE_TENSORS`, each non-finite when that tensor is (or 0 where the
+    tensor was not computed): a sum holds a NaN or Inf of any of its terms (NaN + x, Inf − Inf and 0 · Inf are NaN).
+
+    - ∂C/∂b: Σ_j (∂C/∂b)_j, a pass over the bias gradient (``out`` values) only;
+    - δ: Σ_nj δ_nj, which is the same sum (BP3: ∂C/∂b = Σ_n δ_n): with a bias, no pass over δ of its own;
+    - a^{l-1} and ∂C/∂W (where the weight gradient was computed, so the input was kept): with the row sums
+      u_n = Σ_i δ_ni and t_n = Σ_j a_nj (one pass over δ, one over a), Σ_n t_n for the input and
+      Σ_ij (∂C/∂W)_ij = Σ_n u_n t_n for the weight gradient (BP4), without a pass over W. A NaN in a row of a
+      whose δ row is 0 (a padded row a loss ignores) is caught: 0 · NaN = NaN.
+
+    Sums are accumulated in float32 for half-precision tensors (whose sums would overflow at 65504)."""
+    acc = _ACCUMULATE.get(delta.dtype)
+    if grad_bias is not None:
+        bias = grad_bias.sum(dtype=acc)
+    if grad_weight is not None and input is not None:
+        u = delta.sum(-1, dtype=acc).reshape(-1)  # (a pass over δ)
+        t = input.sum(-1, dtype=acc).reshape(-1).to(u.dtype)  # (a pass over a)
+        d = bias if grad_bias is not None else u.sum()
+        values = [d, t.sum(), torch.dot(u, t), bias if grad_bias is not None else zero.to(u.dtype)]
+    elif grad_bias is not None:
+        values = [bias, zero.to(bias.dtype), zero.to(bias.dtype), bias]
+    else:
+        d = delta.sum(dtype=acc)
+        values = [d, zero.to(d.dtype), zero.to(d.dtype), zero.to(d.dtype)]
+    return torch.stack(values)
+
+
+class Finiteness:
+    """Where each layer's tensors first went non-finite: the device buffers every backward pass writes.
+
+    ``sums`` (layers, 4): the :func:`finite_sums` of the current backward pass (added to, so a layer called
+    twice keeps both calls'); ``births`` (layers, 4): the number of the backward pass in which each layer's
+    tensor first held a non-finite value (−1: never), updated at the end of each backward pass from ``sums``
+    and ``pass_number`` with a few tensor ops, without a host sync. With a GradScaler the verdict on a pass
+    waits for the next one (or :meth:`settle`): a pass after which the scale fell was an overflow the scaler
+    skipped, counted in ``skipped``, not a birth."""
+
+    def __init__(self, layers: int, device: torch.device) -> None:
+        self.layers = layers
+        self._make(device)
+
+    def _make(self, device: torch.device, old: Finiteness | None = None) -> None:
+        self.sums = torch.zeros(self.layers, len(NONFINITE_TENSORS), dtype=torch.float64, device=device)
+        self.births = torch.full((self.layers, len(NONFINITE_TENSORS)), -1, dtype=torch.int64, device=device)
+        self.pass_number = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.zero = torch.zeros((), dtype=torch.float32, device=device)
+        if old is not None:
+            for name in ("births", "pass_number", "skipped"):
+                getattr(self, name).copy_(getattr(old, name).to(device))
+        self.rows = list(self.sums)  # (each layer's row, a view)
+        self.pending: tuple[Tensor, Tensor, Tensor] | None = None  # (bad, scale, pass) awaiting the scaler's verdict
+
+    def follow(self, delta: Tensor) -> None:
+        """The model moved to another device: follow it."""
+        if delta.device != self.sums.device:
+            old = Finiteness.__new__(Finiteness)
+            old.__dict__.update(self.__dict__)
+            self._make(delta.device, old)
+
+    def add(self, row: int, delta: Tensor, input, grad_weight, grad_bias) -> None:
+        if torch.compiler.is_compiling():
+            self.rows[row].add_(finite_sums(delta, input, grad_weight, grad_bias, self.zero))
+            return
+        with _no_grad():
+            self.rows[row].add_(finite_sums(delta, input, grad_weight, grad_bias, self.zero))
+
+    def end_of_backward(self, next_pass: int, scale: Tensor | None) -> Tensor:
+        """Fold this backward pass's sums into ``births``; returns the mask of the tensors born non-finite now."""
+        bad = torch.isfinite(self.sums).logical_not_()
+        self.sums.zero_()
+        if scale is None:
+            new = bad.logical_and_(self.births < 0)
+            self.births.masked_fill_(new, self.pass_number)
+        else:
+            new = self.settle(scale)
+            self.pending = (bad, scale.detach().clone(), self.pass_number.clone())
+        self.pass_number.fill_(next_pass)
+        return new
+
+    def settle(self, scale: Tensor | None) -> Tensor:
+        """With a GradScaler: the verdict on the pass awaiting one (its scale fell since: skipped, else a birth)."""
+        if self.pending is None:
+            return torch.zeros_like(self.births, dtype=torch.bool)
+        bad, before, number = self.pending
+        self.pending = None
+        skipped = scale.to(before.dtype) < before if scale is not None else torch.zeros((), dtype=torch.bool)
+        skipped = skipped.to(bad.device)
+        self.skipped.add_((bad.any() & skipped).to(torch.int64))
+        new = bad.logical_and_(skipped.logical_not()).logical_and_(self.births < 0)
+        self.births.masked_fill_(new, number)
+        return new
+
+
+class FiniteSlot:
+    """A monitored layer's slot on the backward passes that record nothing: :meth:`record` writes the layer's
+    :func:`finite_sums` (tensor ops, eager and compiled, no host sync) and nothing else; the rest of the slot
+    interface does nothing."""
+
+    needs_input = False
+    discovering = False
+
+    def __init__(self, finite: Finiteness, row: int) -> None:
+        self.finite = finite
+        self.row = row
+
+    def __reduce__(self):  # a copied or pickled model is not monitored
+        return (_none, ())
+
+    def record(self, delta: Tensor, input: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None):
+        if not torch.compiler.is_compiling() and _torch_private.is_functorch_wrapped(delta):
+            return  # inside a torch.func transform: not a backward pass
+        if not torch.compiler.is_compiling():
+            self.finite.follow(delta)
+        self.finite.add(self.row, delta, input, grad_weight, grad_bias)
+
+    def record_relu(self, a: Tensor) -> None:
+        pass
+
+    def consumes(self, producer) -> None:
+        pass
+
+    def discover(self, input: Tensor) -> None:
+        pass
 
 
 class ReLUSlot:

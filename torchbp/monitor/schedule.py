@@ -11,7 +11,7 @@ recorded (they cost nothing). So a logged step shows the δ of its first micro-b
 logs its loss at the first micro-batch of a step would.
 
 The schedule *arms* the monitored layers (hands them their slots) only for a backward pass it records:
-an unarmed layer runs exactly as without a monitor. Arming happens before the forward pass whose
+an unarmed layer runs exactly as without a monitor, plus its finiteness flag (see :class:`records.FiniteSlot`). Arming happens before the forward pass whose
 backward it is for: at the end of the previous backward pass (exact when steps count backward passes),
 and, with a step callable, again before each eager forward pass of the monitored model, from the
 callable's value then. A compiled model's forward pass does not re-arm (Dynamo would guard on the
