@@ -349,6 +349,10 @@ def _gains_below_one(history: History, columns: np.ndarray | None = None) -> tup
     return int(below.sum()), float(np.nanmedian(gain)), with_gain
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _names(layers: list[str], rows: list[int]) -> str:
     names = [layers[i] for i in rows]
     return ", ".join(names if len(names) <= 6 else [*names[:3], "…", *names[-2:]])
@@ -741,8 +745,8 @@ def _ok(history, norm, chains, ratio, trend, layers, steps, stat, words) -> Find
     if norm is not None and chains is not None:
         if not chains:
             parts.append(
-                f"no chain of {MIN_GAINS + 1} or more linked layers in the data flow ({len(history['links'])} "
-                "links): vanishing and exploding across layers not judged"
+                f"no chain of {MIN_GAINS + 1} or more linked layers in the data flow ({_count(len(history['links']), 'link')}"
+                "): vanishing and exploding across layers not judged"
             )
         else:
             chain = max(chains, key=len)
@@ -751,7 +755,8 @@ def _ok(history, norm, chains, ratio, trend, layers, steps, stat, words) -> Find
             if finite.size:
                 a, b = int(finite[0]), int(finite[-1])
                 parts.append(
-                    f"along the longest of the {len(chains)} chains of linked layers ({_chain_words(layers, chain)}, "
+                    f"along {'the one chain' if len(chains) == 1 else f'the longest of the {len(chains)} chains'} of "
+                    f"linked layers ({_chain_words(layers, chain)}, "
                     f"{len(chain) - 1} gains), {words} of {layers[chain[0]]} / {layers[chain[-1]]} = "
                     f"{_g(chain_ratio[a])} at step {steps[a]}, {_g(chain_ratio[b])} at step {steps[b]} (vanishing: "
                     f"below {VANISHING_RATIO:g} with {_pct(TREND)} of the gains below 1; exploding: above "
