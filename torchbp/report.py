@@ -11,6 +11,7 @@ A :data:`History` is the dict :meth:`torchbp.DeltaMonitor.history` returns and :
 
     {"steps":  list[int],            # the logged steps, increasing
      "layers": list[str],            # the monitored layers, network order (input side first)
+     "links":  list[tuple[str, str]], # the data flow's (producer, consumer) pairs; absent in older logs
      <stat>:   np.ndarray (layers, steps), float64, NaN where the layer has no value at that step}
 
 one array for each statistic of :data:`torchbp.monitor.STATS` the run holds (``delta_norm``,
@@ -28,26 +29,30 @@ of ‖δ_n‖); only a run with neither falls back on ``delta_norm`` and says so
 key projection of attention: softmax is unchanged by a shift shared by all keys, so the key bias's gradient
 is exactly zero; ``delta_norm`` ≈ 1e-10 there says nothing about δ). Every finding names the norm it used.
 
+Along the data flow: layer c *consumes* layer l when l's output reaches c's input through element-wise
+operations only (``history["links"]``, which the monitor writes once per event file as the text summary
+``torchbp/links``). A *chain* is a path along the links from a layer nothing monitored feeds to one that
+feeds none, with :data:`MIN_GAINS` (2) links or more; its *gains* are ‖δ^l‖ / ‖δ^c‖ of each link. δ travels
+back along the chains (BP2), so vanishing and exploding across layers are judged along them only. A log
+without links falls back on the layers in network order with the rank-correlation test of :func:`_trend`
+(:data:`TREND`), and its findings say so.
+
 ``vanishing``
-    The input-side layer's norm below :data:`VANISHING_RATIO` (10%) of the output-side layer's, with the
-    norm rising steadily through the layers (the rank correlation of the layers' norms with their position,
-    input side first, :data:`TREND` = 0.8 or more), at :data:`PERSIST` (3) or more logged steps (all of them
-    when the run has fewer). The trend tells a δ that shrinks on its way back from one layer of another kind
-    that is small everywhere: attention's query and key projections have a δ a few percent of the head's in
-    every block of a transformer (measured on ``examples/transformer.py``: correlation 0.25-0.42), a sigmoid
-    MLP shrinks at each layer (correlation 1). Nielsen, *Neural Networks
-    and Deep Learning*, ch. 5, "Why are deep neural networks hard to train?": in a sigmoid net
+    Along a chain, the first layer's norm below :data:`VANISHING_RATIO` (10%) of the last's (not exactly 0:
+    a zero δ is ``stalled`` or ``dead_units``), with :data:`TREND` (80%) or more of the chain's gains below
+    1, at :data:`PERSIST` (3) or more logged steps (all of them when the run has fewer). Nielsen, *Neural
+    Networks and Deep Learning*, ch. 5, "Why are deep neural networks hard to train?": in a sigmoid net
     [784, 30, 30, 30, 30, 10] the first hidden layer learns about 100 times slower than the last, the
-    *vanishing gradient problem*; with two hidden layers the gap is already 4-5 times. 10% (a layer learning
-    ten times slower than the output side) is our line between the two. The evidence: each layer's norm at
-    the first such step, the ratio there and at its smallest, the steps, and at how many steps every gain
-    (``delta_gain``, ‖δ^l‖ / ‖δ^(l+1)‖) was below 1.
+    *vanishing gradient problem*; with two hidden layers the gap is already 4-5 times. 10% (a layer
+    learning ten times slower than the output side) is our line between the two. The evidence: the chain,
+    its two ends' norms at the first such step, the ratio there and at its smallest, the steps, how many of
+    the chain's gains were below 1, and Nielsen's speed of learning ‖∂C/∂b‖ of the two ends.
 ``exploding``
-    The input-side layer's norm more than :data:`EXPLODING_RATIO` (100×) the output side's, falling steadily
-    through the layers (correlation -0.8 or less), at :data:`PERSIST` or more steps, or a layer's norm growing more than :data:`GROWTH` (10^4×) from its
-    first logged value. Our choice: Nielsen's ch. 5 100× in the other direction (the *exploding gradient
-    problem*), far above the factor of a few that a healthy ReLU net shows (measured on ``torchbp demo``'s
-    ReLU net: at most 8×).
+    Along a chain, the first layer's norm more than :data:`EXPLODING_RATIO` (100×) the last's, with 80% or
+    more of its gains above 1, at :data:`PERSIST` or more steps; or a layer's norm growing more than
+    :data:`GROWTH` (10^4×) from its first logged value. Our choice: Nielsen's ch. 5 100× in the other
+    direction (the *exploding gradient problem*), far above the factor of a few that a healthy ReLU net
+    shows (measured on ``torchbp demo``'s ReLU net: at most 8×).
 ``dead_units``
     A layer followed by ReLU with ``dead_fraction`` (units whose σ'(z) = 0 for every sample of the batch)
     of :data:`DEAD_FRACTION` (50%) or more at :data:`PERSIST` or more steps. Our choice: half the layer gives
@@ -57,16 +62,20 @@ is exactly zero; ``delta_norm`` ≈ 1e-10 there says nothing about δ). Every fi
     (nearest the output side) whose δ held a NaN or an Inf, the layers with it, and how many steps had one.
 ``stalled``
     A layer whose norm moved less than :data:`STALL_RANGE` (0.1%: (max − min) / max, or δ exactly zero)
-    over the last half of the logged steps (at least :data:`STALL_MIN_STEPS`, 4), while the other layers'
+    over the last half of the logged steps (at least :data:`STALL_MIN_STEPS`, 4), and so did its ‖∂C/∂b‖
+    (``delta_norm``) and ‖∂C/∂W‖ (``weight_grad_norm``) where the run has them, while the other layers'
     norms moved by :data:`MOVING_RANGE` (10%) or more (their median). Our choice: mini-batches make an
-    ordinary δ move by far more than 0.1% from step to step.
+    ordinary δ move by far more than 0.1% from step to step. ‖δ‖ alone can be constant by the loss's
+    construction (L1: the per-sample δ of the output is sign(ŷ − y)/N; Huber beyond its threshold, hinge, a
+    linear critic) while the layer's gradients move with the batch: that layer learns.
 ``zero_bias_gradient`` (information, not a problem)
     ``delta_norm`` = ‖Σ_n δ_n‖ below :data:`CANCEL_RATIO` (10^-4) of the mean per-sample ‖δ_n‖ at the median
     step: the δ_n cancel over the batch, the bias gets (almost) no gradient while δ itself is ordinary.
     For uncorrelated δ_n the ratio is about √N; 10^-4 is our choice, far below any batch size's.
 ``ok``
-    No problem found, with the key numbers: the input-side / output-side ratio at the first and last step,
-    the median gain, the largest dead fraction, that every δ was finite.
+    No problem found, with the key numbers: along the longest chain, the first / last layer's ratio at the
+    first and last step (or that the data flow has no chain), the median gain and how many layers have one,
+    the largest dead fraction, that every δ was finite.
 """
 
 from __future__ import annotations
