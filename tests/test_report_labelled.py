@@ -1,10 +1,10 @@
 """``torchbp report`` on a labelled set of real training runs whose truth is known by construction: every problem
 is found, and no false alarm is raised.
 
-Each run trains a tiny model for a few hundred steps with a :class:`torchbp.DeltaMonitor` logging every few
-steps, writes its event files, and the report reads them back (:func:`torchbp.report.read_logdir`, so the data
-flow's links travel through the log). The runs are built once per session (a module-scoped fixture); each is
-a second or less on two CPU cores.
+Each run trains a tiny model for STEPS steps with a :class:`torchbp.DeltaMonitor` logging every EVERY steps,
+writes its event files, and the report reads them back (:func:`torchbp.report.read_logdir`, so the data flow's
+links travel through the log). The runs are built once per session (a module-scoped fixture): all of them
+about 30 s on two busy CPU cores, most of it the transformers.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torchbp import report
 
 pytest.importorskip("tensorboard", reason="reading event files needs tensorboard")
 
-STEPS = 200
-EVERY = 5
-NAN_STEP = 100  # a logged step (a multiple of EVERY)
+STEPS = 120
+EVERY = 4
+NAN_STEP = 60  # a logged step (a multiple of EVERY)
 WIDTH = 32
 BATCH = 32
 
