@@ -169,7 +169,7 @@ def loss_of(case: Case, output, target):
     if case.loss == "mse":
         return F.mse_loss(output, target)
     if case.loss == "huber":
-        return F.huber_loss(output, target, delta=1e-4)
+        return F.huber_loss(output, target, delta=1e-6)
     return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
 
 
