@@ -132,7 +132,8 @@ def test_a_log_directory_removed_mid_run_is_recreated_and_the_lost_events_counte
         monitor.close()
     messages = write_warnings(caught, logdir)
     assert len([m for m in messages if "was deleted while being written" in m]) == 1, messages
-    assert monitor.dropped == 6, messages  # the deleted file's: steps 0..4 and the custom-scalars layout
+    # the deleted file's: steps 0..4, the custom-scalars layout and the data flow's links
+    assert monitor.dropped == 7, messages
     assert logged_steps(logdir) == [5, 6, 7, 8, 9]
 
 

@@ -24,7 +24,7 @@ LAYERS = ["hidden1", "hidden2", "hidden3", "hidden4", "output"]
 STEPS = list(range(0, 100, 10))
 
 
-def history(norms: np.ndarray, layers=LAYERS, steps=STEPS, **arrays) -> dict:
+def history(norms: np.ndarray, layers=LAYERS, steps=STEPS, links=None, **arrays) -> dict:
     """A history with ``delta_sample_norm_mean`` = norms (layers, steps) and, unless given, healthy other stats:
     ‖Σ_n δ_n‖ = 3 × the mean per-sample norm, finite everywhere."""
     norms = np.asarray(norms, dtype=np.float64)
@@ -32,6 +32,8 @@ def history(norms: np.ndarray, layers=LAYERS, steps=STEPS, **arrays) -> dict:
     out.setdefault("delta_norm", 3 * norms)
     out["delta_nonfinite"] = np.zeros_like(norms)
     out.update({k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})
+    if links is not None:
+        out["links"] = list(links)
     return out
 
 
@@ -79,7 +81,8 @@ def test_vanishing_toward_the_input():
     assert f.values[0] / f.values[-1] == pytest.approx(0.3**4)
     assert "hidden1 is 0.81% of output's" in f.message, f.message
     assert "the mean over samples of ‖δ_n‖" in f.message  # which norm
-    assert "At 10 of these 10 steps every layer's gain" in f.message, f.message
+    assert "At 10 of these 10 steps each of the 4 gains the log holds" in f.message, f.message
+    assert "This log holds no data-flow links" in f.message  # judged in network order, and says so
     assert "ok" not in kinds(findings)
 
 
@@ -269,6 +272,22 @@ def test_read_logdir_of_a_delta_monitor(tmp_path):
     for i, layer in enumerate(h["layers"]):
         assert h["delta_sample_norm_mean"][i, -1] == pytest.approx(latest[layer]["delta_sample_norm_mean"], rel=1e-6)
     assert math.isnan(h["dead_fraction"][2, 0])  # the last layer is not followed by ReLU
+    assert h["links"] == [("0", "2"), ("2", "4")] == monitor.history()["links"]  # the data flow, from the log
+
+
+def test_the_links_are_a_text_summary_tensorboard_reads(tmp_path):
+    """The links event: one TensorBoard text summary (the Text page), JSON of [producer, consumer] pairs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = torch.nn.Sequential(torchbp.nn.Linear(6, 5), torchbp.nn.ReLU(), torchbp.nn.Linear(5, 3))
+    with torchbp.DeltaMonitor(model, log=str(tmp_path), every=1):
+        for _ in range(3):
+            model(torch.randn(4, 6)).sum().backward()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    (event,) = acc.Tensors("torchbp/links")  # written once, at the first logged step
+    assert event.step == 0 and acc.SummaryMetadata("torchbp/links").plugin_data.plugin_name == "text"
+    assert json.loads(event.tensor_proto.string_val[0]) == [["0", "2"]]
 
 
 @pytest.mark.parametrize(
@@ -459,3 +478,64 @@ def test_an_all_nan_log_reports_without_numpy_warnings(tmp_path):
         for arrays in ({}, {"delta_fro": nan, "dead_fraction": nan, "delta_gain": nan}):
             report.analyze(history(nan, **arrays))
     assert status == 0 and err == "", err
+
+
+# Along the data flow's links
+# --------------------------------------------------------------------------------------------------
+
+CHAIN = [(a, b) for a, b in zip(LAYERS, LAYERS[1:])]
+
+
+def test_vanishing_along_the_linked_layers():
+    """With links, the finding names the chain, its number of gains and how many were below 1."""
+    findings = report.analyze(history(geometric(0.3), links=CHAIN))
+    f = by_kind(findings, "vanishing")
+    assert f.layers == LAYERS and f.steps == STEPS
+    assert "hidden1 is 0.81% of output's" in f.message, f.message
+    assert "along the 4 gains ‖δ^l‖ / ‖δ^c‖ of the linked layers hidden1 → hidden2 → hidden3 → hidden4 → output" in (
+        f.message
+    )
+    assert "4 of the 4 gains were below 1" in f.message and "no data-flow links" not in f.message
+
+
+def test_layers_that_are_not_linked_are_not_a_chain():
+    """Norms that rise with the position in the list, but only two layers linked (one gain): nothing to judge,
+    and the ok finding says so (the 1-block transformer: q/k small, layers of different kinds)."""
+    h = history(geometric(0.3), links=[("hidden4", "output")])
+    (f,) = report.analyze(h)
+    assert f.kind == "ok" and "no chain of 3 or more linked layers in the data flow (1 link)" in f.message, f.message
+    with_links = report.analyze(history(geometric(0.3), links=[]))
+    assert kinds(with_links) == ["ok"]
+
+
+def test_vanishing_along_one_of_two_branches():
+    """Two chains into the output: hidden1 → hidden2 → output shrinks 10× at each link, hidden3 → hidden4 →
+    output keeps its size; the first is named, the second is not blamed."""
+    norms = noisy((5, 10), seed=3)
+    norms[1] = 0.1 * norms[4]
+    norms[0] = 0.1 * norms[1]
+    links = [("hidden1", "hidden2"), ("hidden2", "output"), ("hidden3", "hidden4"), ("hidden4", "output")]
+    f = by_kind(report.analyze(history(norms, links=links)), "vanishing")
+    assert f.layers == ["hidden1", "hidden2", "output"], f.message
+    assert "along the 2 gains" in f.message and "2 of the 2 gains were below 1" in f.message
+
+
+def test_an_exactly_zero_delta_is_not_vanishing():
+    """δ = 0 in the input-side layer (dead units, a gate of 0) is stalled or dead, not a vanishing δ."""
+    norms = geometric(0.3)
+    norms[0] = 0.0
+    assert "vanishing" not in kinds(report.analyze(history(norms, links=CHAIN)))
+
+
+def test_constant_delta_norm_by_the_loss_is_not_stalled():
+    """An L1 loss: the output layer's per-sample δ is sign(ŷ − y)/N, so ‖δ‖ over the batch is constant, while
+    its ∂C/∂b and ∂C/∂W move with the batch: not stalled. With them still too, it is."""
+    norms = noisy((5, 10))
+    norms[-1] = 1 / math.sqrt(32)
+    moving = noisy((5, 10), seed=5)
+    learning = history(norms, links=CHAIN, delta_norm=moving, weight_grad_norm=moving)
+    assert kinds(report.analyze(learning)) == ["ok"]
+    still = moving.copy()
+    still[-1] = 0.5
+    f = by_kind(report.analyze(history(norms, links=CHAIN, delta_norm=still, weight_grad_norm=still)), "stalled")
+    assert f.layers == ["output"]

@@ -11,6 +11,7 @@ A :data:`History` is the dict :meth:`torchbp.DeltaMonitor.history` returns and :
 
     {"steps":  list[int],            # the logged steps, increasing
      "layers": list[str],            # the monitored layers, network order (input side first)
+     "links":  list[tuple[str, str]], # the data flow's (producer, consumer) pairs; absent in older logs
      <stat>:   np.ndarray (layers, steps), float64, NaN where the layer has no value at that step,
      "nonfinite": list of {"step", "layer", "tensor"}}  # only where a NaN or Inf was born (see below)
 
@@ -29,26 +30,30 @@ of ‖δ_n‖); only a run with neither falls back on ``delta_norm`` and says so
 key projection of attention: softmax is unchanged by a shift shared by all keys, so the key bias's gradient
 is exactly zero; ``delta_norm`` ≈ 1e-10 there says nothing about δ). Every finding names the norm it used.
 
+Along the data flow: layer c *consumes* layer l when l's output reaches c's input through element-wise
+operations only (``history["links"]``, which the monitor writes once per event file as the text summary
+``torchbp/links``). A *chain* is a path along the links from a layer nothing monitored feeds to one that
+feeds none, with :data:`MIN_GAINS` (2) links or more; its *gains* are ‖δ^l‖ / ‖δ^c‖ of each link. δ travels
+back along the chains (BP2), so vanishing and exploding across layers are judged along them only. A log
+without links falls back on the layers in network order with the rank-correlation test of :func:`_trend`
+(:data:`TREND`), and its findings say so.
+
 ``vanishing``
-    The input-side layer's norm below :data:`VANISHING_RATIO` (10%) of the output-side layer's, with the
-    norm rising steadily through the layers (the rank correlation of the layers' norms with their position,
-    input side first, :data:`TREND` = 0.8 or more), at :data:`PERSIST` (3) or more logged steps (all of them
-    when the run has fewer). The trend tells a δ that shrinks on its way back from one layer of another kind
-    that is small everywhere: attention's query and key projections have a δ a few percent of the head's in
-    every block of a transformer (measured on ``examples/transformer.py``: correlation 0.25-0.42), a sigmoid
-    MLP shrinks at each layer (correlation 1). Nielsen, *Neural Networks
-    and Deep Learning*, ch. 5, "Why are deep neural networks hard to train?": in a sigmoid net
+    Along a chain, the first layer's norm below :data:`VANISHING_RATIO` (10%) of the last's (not exactly 0:
+    a zero δ is ``stalled`` or ``dead_units``), with :data:`TREND` (80%) or more of the chain's gains below
+    1, at :data:`PERSIST` (3) or more logged steps (all of them when the run has fewer). Nielsen, *Neural
+    Networks and Deep Learning*, ch. 5, "Why are deep neural networks hard to train?": in a sigmoid net
     [784, 30, 30, 30, 30, 10] the first hidden layer learns about 100 times slower than the last, the
-    *vanishing gradient problem*; with two hidden layers the gap is already 4-5 times. 10% (a layer learning
-    ten times slower than the output side) is our line between the two. The evidence: each layer's norm at
-    the first such step, the ratio there and at its smallest, the steps, and at how many steps every gain
-    (``delta_gain``, ‖δ^l‖ / ‖δ^(l+1)‖) was below 1.
+    *vanishing gradient problem*; with two hidden layers the gap is already 4-5 times. 10% (a layer
+    learning ten times slower than the output side) is our line between the two. The evidence: the chain,
+    its two ends' norms at the first such step, the ratio there and at its smallest, the steps, how many of
+    the chain's gains were below 1, and Nielsen's speed of learning ‖∂C/∂b‖ of the two ends.
 ``exploding``
-    The input-side layer's norm more than :data:`EXPLODING_RATIO` (100×) the output side's, falling steadily
-    through the layers (correlation -0.8 or less), at :data:`PERSIST` or more steps, or a layer's norm growing more than :data:`GROWTH` (10^4×) from its
-    first logged value. Our choice: Nielsen's ch. 5 100× in the other direction (the *exploding gradient
-    problem*), far above the factor of a few that a healthy ReLU net shows (measured on ``torchbp demo``'s
-    ReLU net: at most 8×).
+    Along a chain, the first layer's norm more than :data:`EXPLODING_RATIO` (100×) the last's, with 80% or
+    more of its gains above 1, at :data:`PERSIST` or more steps; or a layer's norm growing more than
+    :data:`GROWTH` (10^4×) from its first logged value. Our choice: Nielsen's ch. 5 100× in the other
+    direction (the *exploding gradient problem*), far above the factor of a few that a healthy ReLU net
+    shows (measured on ``torchbp demo``'s ReLU net: at most 8×).
 ``dead_units``
     A layer followed by ReLU with ``dead_fraction`` (units whose σ'(z) = 0 for every sample of the batch)
     of :data:`DEAD_FRACTION` (50%) or more at :data:`PERSIST` or more steps. Our choice: half the layer gives
@@ -61,20 +66,25 @@ is exactly zero; ``delta_norm`` ≈ 1e-10 there says nothing about δ). Every fi
     (nearest the output side) whose δ held a NaN or an Inf, the layers with it, and how many steps had one.
 ``stalled``
     A layer whose norm moved less than :data:`STALL_RANGE` (0.1%: (max − min) / max, or δ exactly zero)
-    over the last half of the logged steps (at least :data:`STALL_MIN_STEPS`, 4), while the other layers'
+    over the last half of the logged steps (at least :data:`STALL_MIN_STEPS`, 4), and so did its ‖∂C/∂b‖
+    (``delta_norm``) and ‖∂C/∂W‖ (``weight_grad_norm``) where the run has them, while the other layers'
     norms moved by :data:`MOVING_RANGE` (10%) or more (their median). Our choice: mini-batches make an
-    ordinary δ move by far more than 0.1% from step to step.
+    ordinary δ move by far more than 0.1% from step to step. ‖δ‖ alone can be constant by the loss's
+    construction (L1: the per-sample δ of the output is sign(ŷ − y)/N; Huber beyond its threshold, hinge, a
+    linear critic) while the layer's gradients move with the batch: that layer learns.
 ``zero_bias_gradient`` (information, not a problem)
     ``delta_norm`` = ‖Σ_n δ_n‖ below :data:`CANCEL_RATIO` (10^-4) of the mean per-sample ‖δ_n‖ at the median
     step: the δ_n cancel over the batch, the bias gets (almost) no gradient while δ itself is ordinary.
     For uncorrelated δ_n the ratio is about √N; 10^-4 is our choice, far below any batch size's.
 ``ok``
-    No problem found, with the key numbers: the input-side / output-side ratio at the first and last step,
-    the median gain, the largest dead fraction, that every δ was finite.
+    No problem found, with the key numbers: along the longest chain, the first / last layer's ratio at the
+    first and last step (or that the data flow has no chain), the median gain and how many layers have one,
+    the largest dead fraction, that every δ was finite.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import textwrap
@@ -108,6 +118,8 @@ STALL_RANGE = 1e-3
 MOVING_RANGE = 0.1
 STALL_MIN_STEPS = 4
 CANCEL_RATIO = 1e-4
+MIN_GAINS = 2
+MAX_CHAINS = 1000
 
 #: The kinds of finding that are a problem (the others, ``zero_bias_gradient`` and ``ok``, are information).
 PROBLEMS = ("nonfinite", "exploding", "vanishing", "dead_units", "stalled")
@@ -251,6 +263,27 @@ def _damage(path: str, masked_crc32c) -> str | None:
     )
 
 
+def _links(acc, layers: list[str]) -> list[tuple[str, str]] | None:
+    """The data flow's ``(producer, consumer)`` links the monitor wrote (its text summary, see
+    :func:`torchbp.monitor.host.links_event`), between ``layers``, network order; ``None`` for a log without
+    them (written before the monitor wrote its links)."""
+    from torchbp.monitor.host import LINKS_TAG  # (here: the monitor may import this module)
+
+    if LINKS_TAG not in acc.Tags().get("tensors", []):
+        return None
+    known, found = set(layers), set()
+    for event in acc.Tensors(LINKS_TAG):
+        try:
+            pairs = json.loads(b"".join(event.tensor_proto.string_val).decode())
+        except ValueError:
+            continue
+        for pair in pairs if isinstance(pairs, list) else []:
+            if isinstance(pair, list) and len(pair) == 2 and set(pair) <= known:
+                found.add((str(pair[0]), str(pair[1])))
+    position = {layer: i for i, layer in enumerate(layers)}
+    return sorted(found, key=lambda pair: (position[pair[0]], position[pair[1]]))
+
+
 def read_logdir(path: str | os.PathLike) -> dict[str, History]:
     """Read every run under ``path`` with TensorBoard's ``EventAccumulator``: ``{run: History}``.
 
@@ -311,9 +344,12 @@ def read_logdir(path: str | os.PathLike) -> dict[str, History]:
                 out[os.path.relpath(run, path)] = {"steps": [], "layers": [], "warnings": warnings}
             continue
         layers = _network_order(seen, series)
+        links = _links(acc, layers)
         steps = sorted({step for values in series.values() for step in values})
         column = {step: j for j, step in enumerate(steps)}
         history: History = {"steps": steps, "layers": layers}
+        if links is not None:
+            history["links"] = links
         for stat in stats:
             if not any(s == stat for s, _ in series):
                 continue
@@ -396,17 +432,34 @@ def _trend(norm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gains_below_one(history: History, columns: np.ndarray | None = None) -> tuple[int, float]:
-    """Steps (of ``columns``, default all) at which every layer's gain (where it has one) was below 1, and the
-    median gain over them."""
+def _gains_below_one(history: History, columns: np.ndarray | None = None) -> tuple[int, float, list[int]]:
+    """Steps (of ``columns``, default all) at which every gain the history holds was below 1, the median gain
+    over them, and the layers that have a gain."""
     gain = _array(history, "delta_gain")
     if gain is not None and columns is not None:
         gain = gain[:, columns]
     if gain is None or not np.isfinite(gain).any():
-        return 0, math.nan
+        return 0, math.nan, []
     has = np.isfinite(gain).any(0)
     below = (np.where(np.isfinite(gain), gain < 1, True)).all(0) & has
-    return int(below.sum()), float(np.nanmedian(gain))
+    with_gain = [i for i in range(gain.shape[0]) if np.isfinite(gain[i]).any()]
+    return int(below.sum()), float(np.nanmedian(gain)), with_gain
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _names(layers: list[str], rows: list[int]) -> str:
+    names = [layers[i] for i in rows]
+    return ", ".join(names if len(names) <= 6 else [*names[:3], "…", *names[-2:]])
+
+
+#: What a finding across layers says of a log without the data flow's links.
+_NO_LINKS = (
+    " This log holds no data-flow links (written before the monitor recorded them): the {n} layers are compared "
+    "in network order, which is the path δ takes only if each layer feeds the next."
+)
 
 
 def analyze(history: History) -> list[Finding]:
@@ -423,19 +476,27 @@ def analyze(history: History) -> list[Finding]:
     norm = _array(history, stat) if stat else None
     words = _NORM_WORDS.get(stat or "", "")
     findings += _nonfinite(history, layers, steps)
+    chains = _chains(history, layers)
     ratio = trend = None
-    if norm is not None and len(layers) >= 2:
+    if norm is not None and chains is not None:
+        findings += _along_chains(history, norm, chains, layers, steps, stat, words, "exploding")
+        findings += _growth(norm, layers, steps, stat, words)
+        findings += _along_chains(history, norm, chains, layers, steps, stat, words, "vanishing")
+    elif norm is not None and len(layers) >= 2:  # a log without links: the layers in network order
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = norm[0] / norm[-1]
         trend = _trend(norm)
         findings += _exploding(norm, ratio, trend, layers, steps, stat, words)
+        findings += _growth(norm, layers, steps, stat, words)
         findings += _vanishing(history, norm, ratio, trend, layers, steps, stat, words)
+    elif norm is not None:
+        findings += _growth(norm, layers, steps, stat, words)
     findings += _dead(history, layers, steps)
     if norm is not None:
-        findings += _stalled(norm, layers, steps, stat, words)
+        findings += _stalled(history, norm, layers, steps, stat, words)
     info = _zero_bias_gradient(history, layers, steps)
     if not any(f.problem for f in findings):
-        findings.append(_ok(history, norm, ratio, trend, layers, steps, stat, words))
+        findings.append(_ok(history, norm, chains, ratio, trend, layers, steps, stat, words))
     return findings + info
 
 
@@ -487,6 +548,110 @@ _ORIGIN_HINT = {
 }
 
 
+def _chains(history: History, layers: list[str]) -> list[list[int]] | None:
+    """The paths of the data flow (``history["links"]``) from a layer no monitored layer feeds to one that
+    feeds none, with :data:`MIN_GAINS` links or more, as lists of layer indices (input side first; at most
+    :data:`MAX_CHAINS`); ``None`` for a history without links."""
+    links = history.get("links")
+    if links is None:
+        return None
+    index = {name: i for i, name in enumerate(layers)}
+    after: dict[int, list[int]] = {}
+    fed: set[int] = set()
+    for producer, consumer in links:
+        if producer in index and consumer in index and producer != consumer:
+            after.setdefault(index[producer], []).append(index[consumer])
+            fed.add(index[consumer])
+    chains: list[list[int]] = []
+    stack = [[i] for i in sorted(after, reverse=True) if i not in fed]
+    while stack and len(chains) < MAX_CHAINS:
+        path = stack.pop()
+        onward = sorted((c for c in after.get(path[-1], []) if c not in path), reverse=True)
+        if onward:
+            stack.extend([*path, c] for c in onward)
+        elif len(path) > MIN_GAINS:
+            chains.append(path)
+    return chains
+
+
+def _chain_words(layers: list[str], chain: list[int]) -> str:
+    names = [layers[i] for i in chain]
+    shown = names if len(names) <= 8 else [*names[:3], "…", *names[-2:]]
+    return " → ".join(shown)
+
+
+def _link_gains(norm: np.ndarray, chain: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per step, the ratio of the chain's first layer's norm to its last's, and the gain of each link,
+    ‖δ^l‖ / ‖δ^c‖ of producer l and consumer c, shape (links, steps)."""
+    sub = norm[chain]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return sub[0] / sub[-1], sub[:-1] / sub[1:]
+
+
+def _along_chains(history, norm, chains, layers, steps, stat, words, kind) -> list[Finding]:
+    """``vanishing`` or ``exploding`` along the chains of linked layers: the first layer's norm below
+    :data:`VANISHING_RATIO` (above :data:`EXPLODING_RATIO`) of the last's, with :data:`TREND` of the chain's
+    gains or more below 1 (above 1), at :data:`PERSIST` or more steps. The chain flagged at the most steps
+    is the one reported."""
+    flagged: list[tuple[tuple, list[int], np.ndarray, np.ndarray, np.ndarray]] = []
+    for chain in chains:
+        ratio, gains = _link_gains(norm, chain)
+        links = len(chain) - 1
+        measured = np.isfinite(ratio) & (ratio > 0)
+        if kind == "vanishing":
+            hit = measured & (ratio < VANISHING_RATIO) & ((gains < 1).sum(0) >= TREND * links)
+        else:
+            hit = measured & (ratio > EXPLODING_RATIO) & ((gains > 1).sum(0) >= TREND * links)
+        if _persistent(hit):
+            extreme = float(np.min(ratio[hit])) if kind == "vanishing" else -float(np.max(ratio[hit]))
+            flagged.append(((-int(hit.sum()), -links, extreme), chain, hit, ratio, gains))
+    if not flagged:
+        return []
+    _, chain, hit, ratio, gains = min(flagged, key=lambda entry: entry[0])
+    idx = np.nonzero(hit)[0]
+    j = int(idx[0])
+    k = int(idx[np.argmin(ratio[idx])]) if kind == "vanishing" else int(idx[np.argmax(ratio[idx])])
+    first, last, links = layers[chain[0]], layers[chain[-1]], len(chain) - 1
+    steps_flagged = [steps[m] for m in idx]
+    side = (gains[:, j] < 1) if kind == "vanishing" else (gains[:, j] > 1)
+    others = (
+        f" {len(flagged)} of the {len(chains)} chains of linked layers show it; this one at the most steps."
+        if len(flagged) > 1
+        else ""
+    )
+    evidence = (
+        f"{words} of {first} is {_pct(ratio[j]) if kind == 'vanishing' else _g(ratio[j]) + '×'} "
+        f"{'of ' if kind == 'vanishing' else ''}{last}'s ({_e(norm[chain[0], j])} vs {_e(norm[chain[-1], j])} at step "
+        f"{steps[j]}), {'below ' + _pct(VANISHING_RATIO) if kind == 'vanishing' else f'above {EXPLODING_RATIO:g}×'} "
+        f"at {len(steps_flagged)} of {len(steps)} logged steps ({_span(steps_flagged)}), "
+        f"{'down to ' + _pct(ratio[k]) if kind == 'vanishing' else 'up to ' + _g(ratio[k]) + '×'} at step {steps[k]}; "
+        f"along the {links} gains ‖δ^l‖ / ‖δ^c‖ of the linked layers {_chain_words(layers, chain)} (each one's "
+        "output reaches the next through element-wise operations only: the data flow the monitor read), "
+        f"{int(side.sum())} of the {links} gains were {'below' if kind == 'vanishing' else 'above'} 1 at step "
+        f"{steps[j]} (median {_g(float(np.nanmedian(gains[:, j])))}).{others}"
+    )
+    if kind == "vanishing":
+        speed = ""
+        bias = _array(history, "delta_norm")
+        b0, b1 = (bias[chain[0], j], bias[chain[-1], j]) if bias is not None else (math.nan, math.nan)
+        if stat != "delta_norm" and b1 > 0 and math.isfinite(b0):
+            speed = (
+                f" Nielsen's speed of learning, ‖∂C/∂b‖ = ‖Σ_n δ_n‖ (BP3), of {first} is {_pct(b0 / b1)} of "
+                f"{last}'s there."
+            )
+        message = (
+            f"δ vanishes toward the input: {evidence} δ shrinks at each link on its way back.{speed} The input "
+            "side learns far slower than the output side: the vanishing gradient (Nielsen ch. 5)."
+        )
+    else:
+        message = (
+            f"δ grows toward the input: {evidence} The exploding gradient (Nielsen ch. 5); the input side's "
+            "updates are far larger than the output side's."
+        )
+    names = [layers[i] for i in chain]
+    return [Finding(kind, names, steps_flagged, [float(v) for v in norm[chain, j]], message, stat)]
+
+
 def _nonfinite(history: History, layers: list[str], steps: list[int]) -> list[Finding]:
     if history.get("nonfinite"):
         return _births_finding(history, layers, steps)
@@ -532,10 +697,16 @@ def _exploding(norm, ratio, trend, layers, steps, stat, words) -> list[Finding]:
                 f"falling steadily from the input side to the output side (rank correlation with depth "
                 f"{_g(trend[j])}): "
                 "the exploding gradient (Nielsen ch. 5); the input side's updates are far larger than the output "
-                "side's.",
+                "side's." + _NO_LINKS.format(n=len(layers)),
                 stat,
             )
         )
+    return out
+
+
+def _growth(norm, layers, steps, stat, words) -> list[Finding]:
+    """``exploding`` during training: a layer's norm more than :data:`GROWTH` × its first logged value."""
+    out = []
     with np.errstate(divide="ignore", invalid="ignore"):
         first = np.array([row[np.isfinite(row)][0] if np.isfinite(row).any() else np.nan for row in norm])
         peak = np.array([row[np.isfinite(row)].max() if np.isfinite(row).any() else np.nan for row in norm])
@@ -568,13 +739,20 @@ def _vanishing(history, norm, ratio, trend, layers, steps, stat, words) -> list[
     j = int(idx[0])
     k = int(idx[np.nanargmin(ratio[idx])])
     flagged = [steps[m] for m in idx]
-    below, median_gain = _gains_below_one(history, idx)
-    gains = (
-        f" At {below} of these {len(flagged)} steps every layer's gain ‖δ^l‖ / ‖δ^(l+1)‖ was below 1"
-        f" (median gain {_g(median_gain)}): δ shrinks at each layer on its way back."
-        if below
-        else ""
-    )
+    below, median_gain, with_gain = _gains_below_one(history, idx)
+    if not below:
+        gains = ""
+    elif len(with_gain) == 1:
+        gains = (
+            f" At {below} of these {len(flagged)} steps the one gain the log holds (‖δ^l‖ / ‖δ^c‖ of "
+            f"{layers[with_gain[0]]}, c the layers it feeds) was below 1 ({_g(median_gain)} median)."
+        )
+    else:
+        gains = (
+            f" At {below} of these {len(flagged)} steps each of the {len(with_gain)} gains the log holds "
+            f"(‖δ^l‖ / ‖δ^c‖ of {_names(layers, with_gain)}, c the layers each feeds) was below 1 (median gain "
+            f"{_g(median_gain)})."
+        )
     speed = ""
     bias = _array(history, "delta_norm")
     if stat != "delta_norm" and bias is not None and bias[-1, j] > 0 and np.isfinite(bias[[0, -1], j]).all():
@@ -588,7 +766,7 @@ def _vanishing(history, norm, ratio, trend, layers, steps, stat, words) -> list[
         f"{len(flagged)} of {len(steps)} logged steps ({_span(flagged)}), down to {_pct(ratio[k])} at step "
         f"{steps[k]}; the norm rises steadily from the input side to the output side (rank correlation with depth "
         f"{_g(trend[j])}).{gains}{speed} The input side learns far slower than the output side: the vanishing "
-        "gradient (Nielsen ch. 5)."
+        "gradient (Nielsen ch. 5)." + _NO_LINKS.format(n=len(layers))
     )
     return [Finding("vanishing", layers, flagged, [float(v) for v in norm[:, j]], message, stat)]
 
@@ -621,24 +799,43 @@ def _dead(history, layers, steps) -> list[Finding]:
     return out
 
 
-def _stalled(norm, layers, steps, stat, words) -> list[Finding]:
-    if len(layers) < 2:
-        return []
-    window = norm[:, len(steps) // 2 :]
-    if window.shape[1] < STALL_MIN_STEPS:
-        return []
+def _spread(window: np.ndarray) -> np.ndarray:
+    """Per row, (max − min) / max over its finite values (0 where all are zero; NaN with fewer than
+    :data:`STALL_MIN_STEPS`)."""
     spread = []
     for row in window:
-        row = row[np.isfinite(row)]
+        row = np.abs(row[np.isfinite(row)])
         if row.size < STALL_MIN_STEPS:
             spread.append(math.nan)
         elif row.max() == 0:
             spread.append(0.0)
         else:
             spread.append(float((row.max() - row.min()) / row.max()))
-    spread = np.array(spread)
+    return np.array(spread)
+
+
+def _stalled(history, norm, layers, steps, stat, words) -> list[Finding]:
+    """``stalled``: a layer whose norm, its bias gradient ‖∂C/∂b‖ (``delta_norm``) and its weight gradient
+    ‖∂C/∂W‖ (``weight_grad_norm``), where the run has them, all moved less than :data:`STALL_RANGE` over the
+    last half of the steps while the others' norms moved. ‖δ‖ alone can be constant by the loss's
+    construction (L1, Huber beyond its δ, hinge, a linear critic: ‖δ_n‖ = 1/N for every sample) while the
+    layer learns: its gradients still move with the batch."""
+    if len(layers) < 2:
+        return []
+    start = len(steps) // 2
+    window = norm[:, start:]
+    if window.shape[1] < STALL_MIN_STEPS:
+        return []
+    spread = _spread(window)
     flat = [i for i in range(len(layers)) if np.isfinite(spread[i]) and spread[i] < STALL_RANGE]
+    learning = set()
+    for other in ("delta_norm", "weight_grad_norm"):
+        array = _array(history, other) if other != stat else None
+        if array is not None:
+            moved = _spread(array[:, start:])
+            learning |= {i for i in flat if np.isfinite(moved[i]) and moved[i] >= STALL_RANGE}
     moving = [spread[i] for i in range(len(layers)) if i not in flat and np.isfinite(spread[i])]
+    flat = [i for i in flat if i not in learning]
     if not flat or not moving or np.median(moving) < MOVING_RANGE:
         return []
     window_steps = steps[len(steps) // 2 :]
@@ -648,8 +845,10 @@ def _stalled(norm, layers, steps, stat, words) -> list[Finding]:
         f"δ stopped moving in {', '.join(names)}: {words} changed by less than {_pct(STALL_RANGE)} over "
         f"{_span(window_steps)} ({len(window_steps)} logged steps)"
         + (f", exactly zero in {', '.join(zeros)}" if zeros else "")
-        + f", while the other layers' changed by {_pct(float(np.median(moving)))} (median). A layer whose δ does "
-        "not change with the batch is cut off from the loss: dead units, a saturated activation, a detached path."
+        + f", while the other layers' changed by {_pct(float(np.median(moving)))} (median)"
+        + (", and so did its ‖∂C/∂b‖ and ‖∂C/∂W‖ where the run has them" if stat != "delta_norm" else "")
+        + ". A layer whose δ does not change with the batch is cut off from the loss: dead units, a saturated "
+        "activation, a detached path."
     )
     return [Finding("stalled", names, window_steps, [float(spread[i]) for i in flat], message, stat)]
 
@@ -686,9 +885,31 @@ def _zero_bias_gradient(history, layers, steps) -> list[Finding]:
     ]
 
 
-def _ok(history, norm, ratio, trend, layers, steps, stat, words) -> Finding:
+def _ok(history, norm, chains, ratio, trend, layers, steps, stat, words) -> Finding:
     parts = []
     values: list[float] = []
+    if norm is not None:
+        values = [float(v) for v in norm[:, -1]]
+    if norm is not None and chains is not None:
+        if not chains:
+            parts.append(
+                f"no chain of {MIN_GAINS + 1} or more linked layers in the data flow ({_count(len(history['links']), 'link')}"
+                "): vanishing and exploding across layers not judged"
+            )
+        else:
+            chain = max(chains, key=len)
+            chain_ratio, _ = _link_gains(norm, chain)
+            finite = np.nonzero(np.isfinite(chain_ratio))[0]
+            if finite.size:
+                a, b = int(finite[0]), int(finite[-1])
+                parts.append(
+                    f"along {'the one chain' if len(chains) == 1 else f'the longest of the {len(chains)} chains'} of "
+                    f"linked layers ({_chain_words(layers, chain)}, "
+                    f"{len(chain) - 1} gains), {words} of {layers[chain[0]]} / {layers[chain[-1]]} = "
+                    f"{_g(chain_ratio[a])} at step {steps[a]}, {_g(chain_ratio[b])} at step {steps[b]} (vanishing: "
+                    f"below {VANISHING_RATIO:g} with {_pct(TREND)} of the gains below 1; exploding: above "
+                    f"{EXPLODING_RATIO:g} with {_pct(TREND)} above 1)"
+                )
     if ratio is not None:
         finite = np.nonzero(np.isfinite(ratio))[0]
         if finite.size:
@@ -697,12 +918,13 @@ def _ok(history, norm, ratio, trend, layers, steps, stat, words) -> Finding:
                 f"{words} of {layers[0]} / {layers[-1]} = {_g(ratio[a])} at step {steps[a]}, {_g(ratio[b])} at step "
                 f"{steps[b]}, rank correlation of the norm with depth {_g(trend[a])} and {_g(trend[b])} (vanishing: "
                 f"a ratio below {VANISHING_RATIO:g} with a correlation of {TREND:g} or more; exploding: above "
-                f"{EXPLODING_RATIO:g} with -{TREND:g} or less)"
+                f"{EXPLODING_RATIO:g} with -{TREND:g} or less; no data-flow links in this log, the layers "
+                "compared in network order)"
             )
             values = [float(v) for v in norm[:, b]]
-    _, median_gain = _gains_below_one(history)
+    _, median_gain, with_gain = _gains_below_one(history)
     if math.isfinite(median_gain):
-        parts.append(f"median gain {_g(median_gain)}")
+        parts.append(f"median gain {_g(median_gain)} ({len(with_gain)} of the {len(layers)} layers have one)")
     dead = _array(history, "dead_fraction")
     if dead is not None and np.isfinite(dead).any():
         i = int(np.nanargmax(np.nanmax(np.where(np.isfinite(dead), dead, -1.0), axis=1)))

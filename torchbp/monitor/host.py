@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import json
 import math
 import threading
 import time
@@ -55,6 +56,28 @@ BATCH_S = 0.1
 IMAGE_SHARE = 0.01
 #: The most steps :meth:`History.read` holds (see :class:`History`).
 MAX_HISTORY = 2048
+#: The tag of the text summary that holds the data flow's links (see :func:`links_event`).
+LINKS_TAG = "torchbp/links"
+
+
+def links(names: list[str], consumes: np.ndarray) -> list[tuple[str, str]]:
+    """The data flow's links as ``(producer, consumer)`` names, network order (the input side's producer first):
+    ``consumes[l, c]`` (:meth:`DataFlow.matrix`) says layer ``c`` reads layer ``l``'s output through
+    element-wise operations; ``names`` in the monitor's order (the output side first)."""
+    last = len(names) - 1
+    pairs = sorted((last - int(p), last - int(c)) for p, c in np.argwhere(consumes))
+    return [(names[last - p], names[last - c]) for p, c in pairs]
+
+
+def links_event(step: int, pairs: list[tuple[str, str]]) -> bytes:
+    """The serialized Event of ``step`` holding the data flow's links: a TensorBoard text summary (tag
+    :data:`LINKS_TAG`, shown on TensorBoard's Text page) whose text is the JSON list of ``[producer, consumer]``
+    pairs. Written once per event file, at the first logged step (the data flow is read by then);
+    :func:`torchbp.report.read_logdir` reads it back as ``history["links"]``."""
+    from tensorboard.plugins.text.summary_v2 import text_pb
+
+    text = json.dumps([list(pair) for pair in pairs], ensure_ascii=False)
+    return _events.ScalarEvents([]).event(step, time.time(), [], text_pb(LINKS_TAG, text).SerializeToString())
 
 
 class HostCopy:
@@ -346,6 +369,7 @@ class HostSide:
             self.layout_written = True
             layout = {"torchbp": {"delta_norm: ‖∂C/∂b‖ per layer": ["Multiline", [r"delta_norm/.*"]]}}
             self.sink.guarded(self.writer.add_custom_scalars, layout)
+            self.sink.write(links_event(steps[0], links(self.names, self.layout.flow.matrix())))
 
     def _flush_stragglers(self) -> None:
         """Background thread: write the steps logged before training paused (within ~2 × BATCH_S)."""
@@ -468,9 +492,14 @@ class HostSide:
             draw()
 
     def read_history(self) -> dict[str, Any]:
-        """``{"steps", "layers" (network order, input side first), <stat>: array (layers, steps)}``."""
+        """``{"steps", "layers" (network order, input side first), "links" (the data flow's (producer,
+        consumer) pairs, see :func:`links`), <stat>: array (layers, steps)}``."""
         steps, values = self.history.read()
-        out: dict[str, Any] = {"steps": steps, "layers": list(reversed(self.names))}
+        out: dict[str, Any] = {
+            "steps": steps,
+            "layers": list(reversed(self.names)),
+            "links": links(self.names, self.layout.flow.matrix()),
+        }
         for i, stat in enumerate(STATS):
             out[stat] = np.ascontiguousarray(values[i][::-1])
         return out
