@@ -396,6 +396,14 @@ def records(path) -> list[tuple[int, int]]:
     return out
 
 
+def step_of(data: bytes, offset: int, length: int) -> int | None:
+    """The step of the scalar event in the record at ``offset`` (``None`` for another event)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    event = Event.FromString(bytes(data[offset + 12 : offset + 12 + length]))
+    return event.step if any(v.tag.startswith("delta_fro/") for v in event.summary.value) else None
+
+
 def steps_tensorboard_reads(path) -> list[int]:
     """The steps of the scalar events TensorBoard's own record reader reads before it stops (the oracle)."""
     from tensorboard.compat.proto.event_pb2 import Event
@@ -424,8 +432,8 @@ def test_a_damaged_event_file_is_named_with_the_step_its_loss_begins(tmp_path, w
             torchbp.nn.CrossEntropyLoss()(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
     (path,) = (tmp_path / "run").glob("events.out.tfevents.*")
     assert steps_tensorboard_reads(path) == list(range(100))
-    offset, length = records(path)[52]  # (the file_version event and the custom-scalars layout come first)
     data = bytearray(path.read_bytes())
+    offset, length = next(r for r in records(path) if step_of(data, *r) == 50)  # (the record of step 50's scalars)
     data[offset + (16 + length // 2 if where == "payload" else 3)] ^= 0x5A
     path.write_bytes(bytes(data))
     readable = steps_tensorboard_reads(path)
