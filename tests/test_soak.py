@@ -154,10 +154,10 @@ def test_a_long_run_holds_bounded_memory_loses_nothing_uncounted_and_finds_the_n
             optimizer.zero_grad(set_to_none=True)
             F.mse_loss(model(x), y).backward()
             if step == NAN_STEP:
-                found.append(monitor.first_nonfinite)
+                found.append(monitor.nonfinite())
                 optimizer.zero_grad(set_to_none=True)  # (the guard of a real loop: skip the poisoned update)
             elif step == NAN_STEP + 1:
-                found.append(monitor.first_nonfinite)
+                found += [monitor.nonfinite(), any(s["delta_nonfinite"] for s in monitor.latest().values())]
             optimizer.step()
             if step % VALIDATE_EVERY == 0:
                 F.mse_loss(model(x_val), y_val).item()  # with grad on: a graph built, never backpropagated
@@ -190,8 +190,11 @@ def test_a_long_run_holds_bounded_memory_loses_nothing_uncounted_and_finds_the_n
     grown = max(rss_max, rss_end) - rss_after_warm_up
     assert grown < RSS_SLACK, f"RSS grew {grown / 2**20:.1f} MB after warm-up ({STEPS} steps, {seconds:.0f} s)"
 
-    # The NaN is found at the step it was born, in the layers it reached, and the steps after are finite.
-    assert found[0] in ("0", "2") and found[1] is None, found
+    # The NaN is found at the step it was born, in the input of the first layer (where it entered), and stays
+    # named there; the steps after are finite.
+    assert found[0] == (NAN_STEP, "0", "input") and found[1] == found[0] and found[2] is False, found
+    births = {(e.step, v.tag) for e in written for v in e.summary.value if v.tag.startswith("nonfinite/")}
+    assert births == {(NAN_STEP, "nonfinite/0"), (NAN_STEP, "nonfinite/2")}, births  # (each layer it reached)
     nonfinite = {
         (e.step, v.tag) for e in written for v in e.summary.value if v.tag.startswith("delta_nonfinite/") and scalar(v)
     }
