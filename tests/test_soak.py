@@ -1,8 +1,7 @@
 """A soak test: a long run of ordinary training code under a monitor that logs every step.
 
-12 000 steps of a tiny chained model (20 000 with ``SOAK_STEPS=20000``: 27 s of CPU, but 45 to 70 s of wall
-time on a 2-core machine shared with other work, over the suite's budget for one test; 12 000: 20 s of CPU,
-46 to 57 s of wall time there), with what real training loops do besides (a validation forward pass
+20 000 steps of a tiny chained model (16 s on a 2-core AMD EPYC VM, 2026-12-08; ``SOAK_STEPS`` sets another
+length), with what real training loops do besides (a validation forward pass
 with grad on every 100 steps, a checkpoint every 1 000), one NaN injected at a known step, and a full disk for
 1 000 steps. It shows that memory held is bounded in the run's length (RSS within 20 MB of its value after
 warm-up), that close() gives back every thread and file descriptor, that no event is lost without being
@@ -33,7 +32,7 @@ google_crc32c = pytest.importorskip("google_crc32c")
 from tensorboard.compat.proto.event_pb2 import Event  # noqa: E402
 from tensorboard.util.tensor_util import make_ndarray  # noqa: E402
 
-STEPS, WARM_UP = int(os.environ.get("SOAK_STEPS", 12_000)), 2_000  # (SOAK_STEPS=20000: the longer soak)
+STEPS, WARM_UP = int(os.environ.get("SOAK_STEPS", 20_000)), 2_000
 VALIDATE_EVERY, SAVE_EVERY = 100, 1_000
 NAN_STEP, NAN_ROW = 7_777, 3
 FULL_FROM, FULL_UNTIL = 4_000, 5_000  # the disk is full for these steps
@@ -201,8 +200,9 @@ def test_a_long_run_holds_bounded_memory_loses_nothing_uncounted_and_finds_the_n
     assert nonfinite == {(NAN_STEP, "delta_nonfinite/0"), (NAN_STEP, "delta_nonfinite/2")}, sorted(nonfinite)[:10]
 
     # Nothing lost uncounted: one event per logged step (its scalars, with its histograms every 10th), the
-    # custom-scalars layout and the δ map drawn on close; every one not in the files is counted in dropped.
-    expected = STEPS + 1 + 1
+    # custom-scalars layout, the data flow's links, the NaN's birth in each of the 2 layers it reached and the δ map
+    # drawn on close; every one not in the files is counted in dropped.
+    expected = STEPS + 1 + 1 + 2 + 1
     summaries = [e for e in written if e.HasField("summary")]
     steps = [e.step for e in summaries if any(v.tag == "delta_nonfinite/2" for v in e.summary.value)]
     assert len(steps) == len(set(steps)), "a step written twice"
