@@ -27,13 +27,14 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .. import _torch_private
+from ..names import ROOT_NAME, Nonfinite
 from ..nn import ReLU, is_monitored_layer
 from . import dataflow, host, ranks, writer
 from . import events as _events
@@ -63,23 +64,6 @@ from .records import (  # noqa: F401 (the record's columns, re-exported)
 from .schedule import Schedule, StepPlan
 
 __all__ = ["DeltaMonitor", "monitor_of", "Nonfinite", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
-
-
-#: The name of a monitored layer that is the model itself (a bare ``torchbp.nn.Linear``): its qualified name is
-#: empty, and a tag needs one (``delta_norm/model``).
-ROOT_NAME = "model"
-
-
-class Nonfinite(NamedTuple):
-    """Where a non-finite value (NaN or Inf) was born: the ``step``, the ``layer`` (qualified name) and the
-    ``tensor`` (one of ``"delta"``, ``"input"``, ``"weight_grad"``, ``"bias_grad"``)."""
-
-    step: int
-    layer: str
-    tensor: str
-
-    def __str__(self) -> str:
-        return f"{NONFINITE_WORDS[self.tensor]} of layer {self.layer!r} at step {self.step}"
 
 
 def _monitored_layers(model: nn.Module) -> dict[str, nn.Module]:
