@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -36,10 +35,11 @@ from torch import Tensor, nn
 from .. import _torch_private
 from ..names import ROOT_NAME, Nonfinite
 from ..nn import ReLU, is_monitored_layer
-from . import dataflow, host, ranks, writer
+from . import dataflow, host, options, ranks, writer
 from . import events as _events
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
+from .owners import _Hook, _monitors_of, _owner, _owners, _replace, _replacements, _unwrap, monitor_of
 from .records import (  # noqa: F401 (the record's columns, re-exported)
     COLUMNS,
     DEAD,
@@ -83,59 +83,6 @@ def _out_features(layer: nn.Module) -> int:
     return int(layer.out_features)
 
 
-class _Hook:
-    """A hook the monitor puts on the model or on a parameter. A copy of the model (``copy.deepcopy``,
-    ``torch.save``, ``AveragedModel``) gets a hook that does nothing instead: the copy is not monitored,
-    and copying needs nothing of the monitor (its threads and locks cannot be copied)."""
-
-    __torch_unserializable__ = True  # (torch.save leaves parameter hooks out: no warning for these)
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-    def __reduce__(self):
-        return (_Hook, (_nothing,))
-
-
-def _nothing(*args) -> None:
-    return None
-
-
-# Which monitor owns each monitored module (a copy of a module is not in it), by a weak reference: the monitor holds
-# the model, so a strong one would keep both alive for ever once dropped together.
-_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _owner(module: nn.Module) -> DeltaMonitor | None:
-    """The monitor that owns ``module``, or ``None``."""
-    ref = _owners.get(module)
-    return None if ref is None else ref()
-
-
-def monitor_of(model: nn.Module) -> DeltaMonitor | None:
-    """The :class:`DeltaMonitor` attached to ``model``'s layers, or ``None``.
-
-    The handle to a monitor that is no longer held (a notebook cell run again): ``torchbp.monitor_of(model).close()``.
-    Where parts of ``model`` have monitors of their own, the one of its first monitored layer (in model order);
-    a compiled or data-parallel wrapper is unwrapped, as by :class:`DeltaMonitor`.
-
-    Example::
-
-        >>> model = torchbp.nn.Linear(4, 2)
-        >>> monitor = torchbp.DeltaMonitor(model)
-        >>> torchbp.monitor_of(model) is monitor
-        True
-    """
-    for module in _unwrap(model).modules():
-        owner = _owner(module) if is_monitored_layer(module) else None
-        if owner is not None:
-            return owner
-    return None
-
-
 class _EndOfBackward:
     """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
     to it tells whether that pass is still running (torch drops it when the pass ends or fails)."""
@@ -151,54 +98,6 @@ class _EndOfBackward:
 
 def _dead_ref() -> None:
     return None
-
-
-class _Replacements:
-    """Watches, while some monitor is attached, for its model changed under it: a monitored layer replaced
-    (``model[0] = torchbp.nn.Linear(...)``, a block reassigned) or a layer it would monitor added (a second
-    ``torchbp.convert``): a global module registration hook of torch (public API), which runs when a
-    submodule is assigned, not in training. The monitor then warns, once, naming the layers."""
-
-    def __init__(self) -> None:
-        self.monitors: weakref.WeakSet = weakref.WeakSet()  # the attached monitors
-        self.handle = None
-
-    def watch(self, monitor: DeltaMonitor, on: bool) -> None:
-        if on:
-            self.monitors.add(monitor)
-        else:
-            self.monitors.discard(monitor)
-        if self.monitors and self.handle is None:
-            self.handle = nn.modules.module.register_module_module_registration_hook(self._registered)
-        elif not self.monitors and self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    def _registered(self, parent: nn.Module, name: str, module: nn.Module | None) -> None:
-        old = _torch_private.registered_submodule(parent, name)  # (the hook runs before the assignment)
-        if old is module:
-            return
-        for monitor in list(self.monitors):
-            prefix = monitor._tree.get(parent)
-            if prefix is None:
-                continue  # (not a module of this monitor's model)
-            kept = set() if module is None else set(module.modules())
-            gone = set() if old is None else set(old.modules()) - kept
-            replaced = [n for n, m in monitor.layers.items() if m in gone]
-            added = (
-                []
-                if module is None
-                else [
-                    ".".join(filter(None, (prefix, name, sub)))
-                    for sub, m in module.named_modules()
-                    if is_monitored_layer(m) and m not in _owners
-                ]
-            )
-            if replaced or added:
-                monitor._changed(replaced[::-1], added)
-
-
-_replacements = _Replacements()
 
 
 class DeltaMonitor:
@@ -350,32 +249,9 @@ class DeltaMonitor:
         raise_nonfinite: bool = False,
     ) -> None:
         model = _unwrap(model)
-        if every is None:
-            every = 10 if log is not None else 1
-        for name, value in (
-            ("every", every),
-            ("histogram_every", histogram_every),
-            ("image_every", image_every),
-            ("max_history", max_history),
-        ):
-            if value is not None or name == "every":
-                _check_count(name, value)
-        if scaler is not None and not hasattr(scaler, "get_scale"):
-            raise TypeError(f"DeltaMonitor: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if step is not None and not callable(step):
-            raise TypeError(
-                f"DeltaMonitor: step must be a callable returning the step number (e.g. "
-                f"step=lambda: trainer.global_step) or None, got {type(step).__name__}"
-            )
+        every = options.check(log, every, histogram_every, image_every, max_history, scaler, step)
         layers = _monitored_layers(model)
-        if not layers:
-            plain = [name or "<model>" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-            hint = (
-                f"; it has torch.nn.Linear layers ({', '.join(plain[:5])}): call torchbp.convert(model) first"
-                if plain
-                else "; build the model with torchbp.nn.Linear or call torchbp.convert(model)"
-            )
-            raise ValueError(f"DeltaMonitor: found no torchbp.nn.Linear in {type(model).__name__}{hint}")
+        options.check_layers(model, layers)
         self.model = model
         self.layers = dict(reversed(layers.items()))  # backward order for a sequential model
         self._names = list(self.layers)
@@ -386,9 +262,7 @@ class DeltaMonitor:
         self.global_stats = bool(global_stats)
         self.rank, self.world_size = ranks.rank_and_world()
         self.max_history = max_history
-        if on_error not in _events.ON_ERROR:
-            raise ValueError(f"DeltaMonitor: on_error must be one of {_events.ON_ERROR}, got {on_error!r}")
-        self.on_error = on_error
+        self.on_error = options.check_on_error(on_error)
         self._claim = None
         replaced = _monitors_of(self.layers)  # (replaced once the writer is open: a failure here leaves them be)
         self._open(log, log_rank, replaced)  # (the writer first: the histograms' schedule depends on it)
@@ -466,7 +340,7 @@ class DeltaMonitor:
 
     @every.setter
     def every(self, value: int) -> None:
-        self._schedule.every = _check_count("every", value)
+        self._schedule.every = options.check_count("every", value)
         self._rearm()
 
     @property
@@ -476,7 +350,7 @@ class DeltaMonitor:
 
     @histogram_every.setter
     def histogram_every(self, value: int) -> None:
-        self._histogram_every = _check_count("histogram_every", value)
+        self._histogram_every = options.check_count("histogram_every", value)
         self._schedule.histogram_every = value if self._sink is not None else 0
         self._rearm()
 
@@ -487,7 +361,7 @@ class DeltaMonitor:
 
     @image_every.setter
     def image_every(self, value: int) -> None:
-        self._host.image_every = _check_count("image_every", value)
+        self._host.image_every = options.check_count("image_every", value)
 
     def _rearm(self) -> None:
         """The schedule changed: arm the layers for the next forward pass as the end of a backward pass does."""
@@ -896,45 +770,3 @@ class DeltaMonitor:
 
         history = self.history()
         return _report.format_report({name: history}, {name: _report.analyze(history)})
-
-
-def _check_count(name: str, value: Any) -> int:
-    """``every``, ``histogram_every``, ``image_every`` or ``max_history``, checked (as given to the constructor)."""
-    low = 0 if name in ("histogram_every", "image_every") else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _monitors_of(layers: dict[str, nn.Module]) -> list[DeltaMonitor]:
-    """The monitors attached to any of ``layers``."""
-    others: list[DeltaMonitor] = []
-    for layer in layers.values():
-        other = _owner(layer)
-        if other is not None and other not in others:
-            others.append(other)
-    return others
-
-
-def _replace(others: list[DeltaMonitor]) -> None:
-    """Close ``others``, with one warning each: a new monitor on a monitored model replaces the old one (a
-    notebook cell run again leaves the old one attached, and no handle to it)."""
-    for other in others:
-        warnings.warn(
-            f"DeltaMonitor: closing the monitor already on this model ({other._log_shown()}, last step "
-            f"{other.step}): the new one replaces it",
-            stacklevel=3,
-        )
-        other.close()
-
-
-def _unwrap(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"DeltaMonitor: expected a torch.nn.Module, got {type(model).__name__}")
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if inner is None and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
