@@ -23,7 +23,6 @@ The package, one job per module:
 from __future__ import annotations
 
 import os
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -32,11 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _torch_private
 from ..names import ROOT_NAME, Nonfinite
 from ..nn import ReLU, is_monitored_layer
-from . import dataflow, host, options, ranks, writer
-from . import events as _events
+from . import host, options, ranks, writer
+from .backward import Backward
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
 from .owners import _Hook, _monitors_of, _owner, _owners, _replace, _replacements, _unwrap, monitor_of
@@ -61,7 +59,7 @@ from .records import (  # noqa: F401 (the record's columns, re-exported)
     dead_record,
     layer_record,
 )
-from .schedule import Schedule, StepPlan
+from .schedule import Schedule
 
 __all__ = ["DeltaMonitor", "monitor_of", "Nonfinite", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
 
@@ -81,23 +79,6 @@ def _monitored_layers(model: nn.Module) -> dict[str, nn.Module]:
 def _out_features(layer: nn.Module) -> int:
     """The width of a monitored layer's output z (every monitored layer has ``out_features``)."""
     return int(layer.out_features)
-
-
-class _EndOfBackward:
-    """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
-    to it tells whether that pass is still running (torch drops it when the pass ends or fails)."""
-
-    __slots__ = ("fn", "__weakref__")
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.fn = fn
-
-    def __call__(self) -> None:
-        self.fn()
-
-
-def _dead_ref() -> None:
-    return None
 
 
 class DeltaMonitor:
@@ -273,19 +254,16 @@ class DeltaMonitor:
         dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
         self._records = Records(widths, dtype, weights[0].device, self.global_stats and self.world_size > 1)
         self._flow = DataFlow(len(self.layers))
+        self._backward = Backward(self)  # (what runs during backward)
         self._finite = Finiteness(len(self.layers), weights[0].device)
         self._slots = {
             name: LayerSlot(
-                self._records, self._flow, name, row, self.per_sample_norms, self._backward_seen, self._finite
+                self._records, self._flow, name, row, self.per_sample_norms, self._backward.seen, self._finite
             )
             for row, name in enumerate(self.layers)
         }
         self._finite_slots = {name: FiniteSlot(self._finite, row) for row, name in enumerate(self.layers)}
         self.raise_nonfinite = bool(raise_nonfinite)
-        self._pass_steps: dict[int, int] = {}  # backward pass number -> its step, for the passes not yet read
-        self._births: dict[tuple[int, int], int] = {}  # (row, tensor) -> the step its non-finite value was born
-        self._births_copy: tuple[host.HostCopy, int] | None = None  # a copy of the births on its way to the host
-        self._births_written: set[int] = set()  # the rows whose birth is in the log
         self._host = HostSide(
             Layout(widths, self._records.vector_at, self._flow),
             self._names,
@@ -299,13 +277,7 @@ class DeltaMonitor:
         if self._claim is not None:
             self._claim.host = self._host
         self._relus: dict[ReLU, ReLUSlot] = {}
-        self._gen = 0  # the generation number the next recorded step's records carry (also in the buffer)
-        self._latest: tuple[Tensor, int] | None = None  # the last logged step's records and generation
-        self._task = None  # the backward pass whose step is running (its id), and its end-of-backward callback
-        self._end: weakref.ref = _dead_ref
-        self._eager_step = False
-        self._attached = self._armed = self._dirty = False
-        self._stance_forced = False
+        self._attached = False
         self._handles: list[Any] = []
         try:
             self.attach()
@@ -341,7 +313,7 @@ class DeltaMonitor:
     @every.setter
     def every(self, value: int) -> None:
         self._schedule.every = options.check_count("every", value)
-        self._rearm()
+        self._backward.rearm()
 
     @property
     def histogram_every(self) -> int:
@@ -352,7 +324,7 @@ class DeltaMonitor:
     def histogram_every(self, value: int) -> None:
         self._histogram_every = options.check_count("histogram_every", value)
         self._schedule.histogram_every = value if self._sink is not None else 0
-        self._rearm()
+        self._backward.rearm()
 
     @property
     def image_every(self) -> int:
@@ -362,11 +334,6 @@ class DeltaMonitor:
     @image_every.setter
     def image_every(self, value: int) -> None:
         self._host.image_every = options.check_count("image_every", value)
-
-    def _rearm(self) -> None:
-        """The schedule changed: arm the layers for the next forward pass as the end of a backward pass does."""
-        if self._attached and _torch_private.current_graph_task_id() == -1:
-            self._arm(self._schedule.arm_next() or self._flow.discovering)
 
     def _log_shown(self) -> str:
         """Where the monitor logs, for a message: ``logging to '<directory>'``, or ``without a log``."""
@@ -405,17 +372,17 @@ class DeltaMonitor:
         for layer in self.layers.values():
             for p in layer.parameters(recurse=False):
                 if p.requires_grad:
-                    self._handles.append(p.register_hook(_Hook(self._parameter_hook)))
+                    self._handles.append(p.register_hook(_Hook(self._backward.parameter_hook)))
         if self._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
-            self._handles.append(self.model.register_forward_pre_hook(_Hook(self._before_forward)))
+            self._handles.append(self.model.register_forward_pre_hook(_Hook(self._backward.before_forward)))
         # The model holds its monitor while it is attached (also one whose parameters are all frozen), through a
         # hook that never runs during training: a monitor nobody else holds keeps logging.
         self._handles.append(self.model.register_load_state_dict_post_hook(_Hook(self._keep)))
         self._attached = True
         self._tree = weakref.WeakKeyDictionary({m: n for n, m in self.model.named_modules()})  # (the model's modules)
         _replacements.watch(self, True)
-        self._start_discovery()
-        self._arm(True)  # (the first forward pass: it reads the data flow)
+        self._backward.start_discovery()
+        self._backward.arm(True)  # (the first forward pass: it reads the data flow)
         return self
 
     def _keep(self, module, incompatible_keys) -> None:
@@ -425,8 +392,8 @@ class DeltaMonitor:
         """Remove the slots: the model runs exactly as without a monitor."""
         if not self._attached:
             return
-        self._end_discovery()
-        self._arm(False)
+        self._backward.end_discovery()
+        self._backward.arm(False)
         for module in [*self.layers.values(), *self._relus]:
             module.__dict__.pop("_torchbp_slot", None)
             if _owner(module) is self:
@@ -450,31 +417,10 @@ class DeltaMonitor:
             "DeltaMonitor(model, ...), after changing the model",
         )
 
-    def _arm(self, on: bool) -> None:
-        """Hand the layers their slots (``on``) or their finiteness slots, for the coming forward and backward pass.
-        Under torch.compile, Dynamo guards on these attributes: a compiled graph with records and one with the
-        finiteness flags only."""
-        on = on and self._attached
-        if on == self._armed:
-            return
-        self._armed = on
-        self._dirty = self._dirty or on
-        for name, layer in self.layers.items():  # (off: the finiteness flags only)
-            layer._torchbp_slot = self._slots[name] if on else self._finite_slots[name]
-        for relu, slot in self._relus.items():
-            relu._torchbp_slot = slot if on else None
-
-    def _before_forward(self, module, args) -> None:
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            return  # (traced by Dynamo as nothing: a compiled model is armed at the end of backward)
-        if _torch_private.current_graph_task_id() != -1:
-            return  # a forward recomputed in a backward (torch.utils.checkpoint): its step is running
-        self._arm(self._schedule.arm_now() or self._flow.discovering)
-
     def flush(self) -> None:
         """Block until every step logged so far is written and handed to the operating system, with where a
         non-finite value was born (tag ``nonfinite/<layer>``) if one was."""
-        self._read_births(wait=True)
+        self._backward.read_births(wait=True)
         if self._sink is not None:
             self._host.flush()
 
@@ -491,7 +437,7 @@ class DeltaMonitor:
         if self._finite.pending is not None:  # (with a GradScaler: its verdict on the last backward pass)
             scale = self.scaler._scale if self.scaler is not None else None
             self._finite.settle(scale)
-        self._read_births(wait=True)
+        self._backward.read_births(wait=True)
         try:
             self._host.close(self._owns_writer)
         finally:
@@ -504,135 +450,6 @@ class DeltaMonitor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the data flow, from one eager forward pass -------------------------------------------------------
-
-    def _start_discovery(self) -> None:
-        self._flow.discovering = True
-        self._flow.reset()
-        self._stance_forced = True
-        dataflow.force_eager(True)
-
-    def _end_discovery(self) -> None:
-        # At the end of the first backward pass, not of the first forward: a block under a reentrant
-        # torch.utils.checkpoint runs its forward without gradients, and again, with them, in the backward.
-        self._flow.discovering = False
-        if self._stance_forced:
-            self._stance_forced = False
-            dataflow.force_eager(False)
-
-    # -- recording (called from backward) ------------------------------------------------------------
-
-    @torch.compiler.disable
-    def _parameter_hook(self, grad: Tensor) -> None:
-        if not _torch_private.is_functorch_wrapped(grad):
-            self._backward_seen(None)
-
-    def _backward_seen(self, delta: Tensor | None) -> StepPlan:
-        """A monitored layer's backward (``delta``, or ``None`` from a ReLU's) or a monitored parameter's
-        gradient (``None``) ran: the plan of this backward pass."""
-        task = _torch_private.current_graph_task_id()
-        if task != self._task and not self._nested(task):  # the first of a new backward pass
-            self._task = task
-            plan = self._schedule.begin()
-            self._pass_steps[self._schedule.passes - 1] = plan.step
-            if plan.record:
-                self._records.hists = {}
-                if self.per_sample_norms:
-                    self._records.per_sample = {}
-            self._eager_step = False
-            end = _EndOfBackward(self._end_of_backward)
-            self._end = weakref.ref(end)  # (held by the backward pass until it ends or fails)
-            _torch_private.queue_end_of_backward_callback(end)
-        if delta is not None:
-            self._eager_step = True
-            self._records.follow(delta)
-        return self._schedule.plan
-
-    def _nested(self, task: int) -> bool:
-        """Whether backward pass ``task`` runs inside the one this monitor's step is in (``self._task``): a
-        backward called from a backward, as a reentrant ``torch.utils.checkpoint`` does for its block. Its
-        layers belong to the running step. The running one is still alive while its end-of-backward callback
-        is (torch frees it with the pass, also when the pass raised: then ``task`` begins a new step)."""
-        return self._task is not None and self._end() is not None
-
-    def _end_of_backward(self) -> None:
-        node = _torch_private.enclosing_backward_node()
-        if node is not None:  # this backward pass ran inside another one's node: the step ends with that one
-            end = _EndOfBackward(self._end_of_backward)  # (queued on the enclosing pass once that node is done)
-            self._end = weakref.ref(end)  # (held by the node's hook, then by the enclosing pass)
-
-            def resume(grad_inputs, grad_outputs) -> None:
-                handle.remove()
-                self._task = _torch_private.current_graph_task_id()
-                _torch_private.queue_end_of_backward_callback(end)
-
-            handle = node.register_hook(resume)
-            return
-        self._task = None
-        self._end_discovery()  # (the data flow is read by now: forward passes and recomputed ones)
-        plan, gen = self._schedule.plan, self._gen
-        self._records.flush()  # (the eager records of this backward pass, all layers at once)
-        scale = self.scaler._scale if self.scaler is not None else None
-        born = self._finite.end_of_backward(self._schedule.passes, scale)  # (a few tensor ops, no host sync)
-        if plan.record and self._dirty:  # (recorded: its layers had their slots)
-            scale = None
-            if self.scaler is not None and self.scaler._scale is not None:
-                scale = self.scaler._scale.detach().clone()
-            snapshot = self._records.snapshot(scale)
-            if plan.logged:
-                self._latest = (snapshot, gen)
-            if plan.logged and self._records.vectors is not None:  # global statistics: every rank logs this step
-                self._submit_global(plan, gen, snapshot, scale)
-            elif self._sink is not None:
-                self._host.queue(plan.step, gen, plan.logged, [snapshot, None, None], self._records.hists)
-            if plan.histogram and not self._eager_step:
-                self._host.warn_once(
-                    "histograms", f"no δ histograms at step {plan.step}: recorded in eager backward passes only"
-                )
-        elif plan.logged:
-            self._host.warn_once(
-                "unarmed",
-                f"step {plan.step} was not recorded: the step callable's value changed between the forward "
-                "and the backward pass of a compiled model",
-            )
-        if self._dirty:  # the next recorded step's records carry the next number
-            self._gen = (gen + 1) % (1 << 20)
-            self._records.next_generation(self._gen)
-        self._dirty = False
-        self._arm(self._schedule.arm_next())
-        self._dirty = self._armed
-        if plan.logged:  # the births so far, on their way to the host (read at the next logged step or on demand)
-            self._read_births(wait=False)
-            self._births_copy = (host.HostCopy([self._finite.births.clone()]), self._schedule.passes)
-            self._read_births(wait=False)
-        if self.raise_nonfinite and bool(born.any()):  # (a host sync per backward pass)
-            self._read_births(wait=True)
-            raise FloatingPointError(
-                f"DeltaMonitor: a NaN or Inf was born in {self.nonfinite()} (raise_nonfinite=True); the backward "
-                "pass stopped here, its gradients are not all written. Look at what entered that layer"
-            )
-
-    def _submit_global(self, plan: StepPlan, gen: int, snapshot: Tensor, scale: Tensor | None) -> None:
-        # After DistributedDataParallel's own end-of-backward callback (queued before this one), which
-        # all-reduces the gradients: then gather every rank's records.
-        vectors, hists = self._records.vectors.clone(), self._records.hists
-        queue = _torch_private.queue_end_of_backward_callback
-        queue(lambda: self._queue_global(plan.step, gen, snapshot, vectors, hists, scale))
-
-    def _queue_global(self, step: int, gen: int, snapshot: Tensor, vectors: Tensor, hists: dict, scale) -> None:
-        gathered, gathered_vectors = ranks.gather(snapshot, vectors, self.world_size)  # on logged steps only
-        if self._sink is None:
-            return
-        # ‖∂C/∂W‖ of the global batch: the norm of the gradient the all-reduce averaged over ranks.
-        weight_norms = [
-            _norm(w.grad) if (w := layer.weight).grad is not None else snapshot.new_full((), -1.0)
-            for layer in self.layers.values()
-        ]
-        weight_norms = torch.stack([n.to(snapshot.dtype) for n in weight_norms])
-        if scale is not None:
-            weight_norms = weight_norms / scale.to(weight_norms.dtype)
-        self._host.queue(step, gen, True, [gathered, gathered_vectors, weight_norms], hists)
-
     # -- reading -------------------------------------------------------------------------------------
 
     def latest(self) -> dict[str, dict[str, float | bool | None]]:
@@ -643,51 +460,11 @@ class DeltaMonitor:
         gradient of a frozen weight) is ``None``. Reading synchronises with the device once; the
         values are this rank's (``global_stats`` applies to the logs).
         """
-        if self._latest is None:
+        if self._backward.latest is None:
             return {}
-        snapshot, gen = self._latest
+        snapshot, gen = self._backward.latest
         table = self._host.layout.table(snapshot.cpu().double().numpy()[None], np.array([gen]))
         return table[0].as_dict(self._names)
-
-    # -- where a non-finite value was born ---------------------------------------------------------------
-
-    def _read_births(self, wait: bool) -> None:
-        """Read the births of non-finite values into ``_births`` (steps, from the pass numbers) and write the new
-        ones to the log: from the copy a logged step started (when it has arrived, or waited for), or, with
-        ``wait``, from the device buffer itself (a host sync)."""
-        if self._births_copy is not None and (wait or self._births_copy[0].ready()):
-            (births,), upto = self._births_copy[0].wait(), self._births_copy[1]
-            self._births_copy = None
-            self._take_births(births, upto)
-        if wait:
-            self._take_births(self._finite.births.cpu().numpy(), self._schedule.passes)
-
-    def _take_births(self, births: np.ndarray, upto: int) -> None:
-        new = []
-        for row, k in zip(*np.nonzero(births >= 0)):
-            key = (int(row), int(k))
-            if key not in self._births:
-                number = int(births[row, k])
-                self._births[key] = self._pass_steps.get(number, number)
-                new.append(key)
-        # (pass numbers before the copy's are read; with a GradScaler the last one may still be settled)
-        for number in [n for n in self._pass_steps if n < upto - 1]:
-            del self._pass_steps[number]
-        if new and self._sink is not None:  # one event per layer: its first birth, the tensor nonfinite() would name
-            first: dict[int, Nonfinite] = {}
-            for birth in self.nonfinite(all=True, read=False):
-                first.setdefault(self._names.index(birth.layer), birth)
-            with self._host.lock:
-                for row, birth in first.items():
-                    if row not in self._births_written:
-                        self._births_written.add(row)
-                        code = float(NONFINITE_TENSORS.index(birth.tensor) + 1)
-                        event = _events.ScalarEvents([f"nonfinite/{birth.layer}"]).event(
-                            birth.step, time.time(), [code]
-                        )
-                        self._host.sink.write(event)
-        if new and self._sink is not None and self._host.warn_nonfinite:
-            self._host.warn_once("nonfinite-birth", f"a NaN or Inf was born in {self.nonfinite(read=False)}")
 
     def nonfinite(self, all: bool = False, read: bool = True) -> Nonfinite | list[Nonfinite] | None:
         """Where the first non-finite value (NaN or Inf) of the run was born: a :class:`Nonfinite` (``step``,
@@ -701,22 +478,9 @@ class DeltaMonitor:
         overflow of finite δ and inputs). Steps a GradScaler skipped for overflow are not births
         (:attr:`skipped_steps`). ``read=False``: what was read already, without a host sync."""
         if read:
-            self._read_births(wait=True)
-        if not self._births:
-            return [] if all else None
-        order = {"input": 0, "delta": 1, "bias_grad": 1, "weight_grad": 2}
-
-        def rank(key: tuple[int, int]) -> tuple:
-            row, k = key
-            tensor = NONFINITE_TENSORS[k]
-            position = -row if tensor == "input" else row  # rows are in backward order (the output layer first)
-            return (self._births[key], order[tensor], position, k)
-
-        ranked = [
-            Nonfinite(self._births[key], self._names[key[0]], NONFINITE_TENSORS[key[1]])
-            for key in sorted(self._births, key=rank)
-        ]
-        return ranked if all else ranked[0]
+            self._backward.read_births(wait=True)
+        ranked = self._backward.ranked_births()
+        return ranked if all else (ranked[0] if ranked else None)
 
     @property
     def first_nonfinite(self) -> str | None:
