@@ -31,7 +31,8 @@ from .. import _torch_private
 from ..names import NONFINITE_TENSORS, Nonfinite
 from . import dataflow, host, ranks
 from . import events as _events
-from .records import _norm
+from .owners import _Hook
+from .records import FiniteSlot, LayerSlot, _norm
 from .schedule import StepPlan
 
 if TYPE_CHECKING:
@@ -72,6 +73,33 @@ class Backward:
         self.births: dict[tuple[int, int], int] = {}  # (row, tensor) -> the step its non-finite value was born
         self.births_copy: tuple[host.HostCopy, int] | None = None  # a copy of the births on its way to the host
         self.births_written: set[int] = set()  # the rows whose birth is in the log
+        records, flow, finite, per_sample = monitor._records, monitor._flow, monitor._finite, monitor.per_sample_norms
+        self.slots = {
+            name: LayerSlot(records, flow, name, row, per_sample, self.seen, finite)
+            for row, name in enumerate(monitor.layers)
+        }
+        self.finite_slots = {name: FiniteSlot(finite, row) for row, name in enumerate(monitor.layers)}
+
+    def hooks(self) -> list:
+        """Put the monitor's hooks on its model; returns their handles."""
+        monitor, handles = self.monitor, []
+        # Every backward pass through a monitored layer reaches a parameter's gradient: a hook there tells
+        # the monitor a step happened, also when its layers have no slot or the backward ran compiled.
+        for layer in monitor.layers.values():
+            for p in layer.parameters(recurse=False):
+                if p.requires_grad:
+                    handles.append(p.register_hook(_Hook(self.parameter_hook)))
+        if monitor._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
+            handles.append(monitor.model.register_forward_pre_hook(_Hook(self.before_forward)))
+        return handles
+
+    def settle(self) -> None:
+        """At close: the GradScaler's verdict on the last backward pass, and every birth read."""
+        monitor = self.monitor
+        if monitor._finite.pending is not None:  # (with a GradScaler: its verdict on the last backward pass)
+            scale = monitor.scaler._scale if monitor.scaler is not None else None
+            monitor._finite.settle(scale)
+        self.read_births(wait=True)
 
     # -- recording (called from backward) ------------------------------------------------------------
 
@@ -264,7 +292,7 @@ class Backward:
         self.armed = on
         self.dirty = self.dirty or on
         for name, layer in self.monitor.layers.items():  # (off: the finiteness flags only)
-            layer._torchbp_slot = self.monitor._slots[name] if on else self.monitor._finite_slots[name]
+            layer._torchbp_slot = self.slots[name] if on else self.finite_slots[name]
         for relu, slot in self.monitor._relus.items():
             relu._torchbp_slot = slot if on else None
 

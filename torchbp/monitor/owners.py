@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .. import _torch_private
-from ..nn import is_monitored_layer
+from ..nn import ReLU, is_monitored_layer
 
 if TYPE_CHECKING:
     from . import DeltaMonitor
@@ -119,7 +119,21 @@ class _Replacements:
                 ]
             )
             if replaced or added:
-                monitor._changed(replaced[::-1], added)
+                _changed(monitor, replaced[::-1], added)
+
+
+def _changed(monitor: DeltaMonitor, replaced: list[str], added: list[str]) -> None:
+    """The model changed under the monitor: it keeps the layers it attached to and sees no new one."""
+    parts = [
+        f"replaced: {', '.join(map(repr, replaced))}" if replaced else "",
+        f"added: {', '.join(map(repr, added))}" if added else "",
+    ]
+    monitor._host.warn_once(
+        "changed",  # (once: the fix is the same for every later change)
+        f"layers of the monitored model changed after the monitor attached ({'; '.join(filter(None, parts))}): "
+        "the replaced and the new layers are not monitored; close this monitor and make a new one, "
+        "DeltaMonitor(model, ...), after changing the model",
+    )
 
 
 _replacements = _Replacements()
@@ -157,3 +171,31 @@ def _unwrap(model: Any) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def take(monitor: DeltaMonitor) -> list[ReLU]:
+    """Make ``monitor`` the owner of its layers, and of the torchbp ReLUs of its model no other monitor owns
+    (returned); raises if another monitor owns one of its layers."""
+    taken = [name for name, layer in monitor.layers.items() if _owner(layer) is not None]
+    if taken:
+        other = _owner(monitor.layers[taken[0]])
+        raise RuntimeError(
+            f"DeltaMonitor: layer {taken[0]!r} is already monitored by another DeltaMonitor "
+            f"({other._log_shown()}); close that one first: torchbp.monitor_of(model).close()"
+        )
+    for layer in monitor.layers.values():
+        _owners[layer] = weakref.ref(monitor)
+    relus = []
+    for relu in monitor.model.modules():
+        if isinstance(relu, ReLU) and _owner(relu) is None:
+            _owners[relu] = weakref.ref(monitor)
+            relus.append(relu)
+    return relus
+
+
+def release(monitor: DeltaMonitor, modules: list[nn.Module]) -> None:
+    """Take the slots off ``modules`` and give up ``monitor``'s ownership of them."""
+    for module in modules:
+        module.__dict__.pop("_torchbp_slot", None)
+        if _owner(module) is monitor:
+            del _owners[module]

@@ -39,6 +39,26 @@ def open_writer(log, on_error: str = "warn"):
     return _events.summary_writer(path, on_error=on_error), True
 
 
+def open_for(monitor, log, log_rank, replaced):
+    """The writer of ``monitor`` (rank ``monitor.rank`` of ``monitor.world_size``) for its ``log`` argument:
+    ``(writer, owns_writer, sink, claim)``, all ``None`` (and ``False``) where this rank does not write. The
+    directory is claimed first (one open monitor per directory; those in ``replaced`` give theirs up), and
+    released if the writer cannot be opened."""
+    claim = None
+    if log is not None and (log_rank is None or monitor.rank == log_rank):
+        if log_rank is None and monitor.world_size > 1 and isinstance(log, (str, os.PathLike)):
+            log = os.path.join(os.fspath(log), f"rank{monitor.rank}")
+        owned = isinstance(log, (str, os.PathLike))
+        claim = claim_directory(log, monitor, monitor._names, owned, replaced)
+        try:
+            log_writer, owns = open_writer(log, monitor.on_error)
+        except BaseException:
+            release_directory(claim)
+            raise
+        return log_writer, owns, _Sink(log_writer, monitor.on_error), claim
+    return None, False, None, claim
+
+
 def _wandb_syncs_tensorboard() -> bool:
     """``wandb.init(sync_tensorboard=True)`` (or ``wandb.tensorboard.patch()``) is in effect: wandb then replaces
     torch's ``EventFileWriter`` by a subclass that registers each new log directory with the W&B run, and syncs
@@ -146,6 +166,14 @@ def log_directory(log) -> str | None:
         return os.fspath(log)
     logdir = getattr(log, "get_logdir", None)
     return str(logdir()) if callable(logdir) else None
+
+
+def log_shown(claim: Claim | None, log_writer) -> str:
+    """Where a monitor logs, for a message: ``logging to '<directory>'``, or ``without a log``."""
+    directory = claim.shown if claim is not None else None
+    if directory is None and log_writer is not None:
+        directory = log_directory(log_writer)
+    return f"logging to {directory!r}" if directory is not None else "without a log"
 
 
 def claim_directory(log, monitor, names, owned: bool, replaced=()) -> Claim | None:
