@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from . import DeltaMonitor
 
 
+_scaler_scale = _torch_private.grad_scaler_scale  # (the scale tensor, no host sync)
+
+
 class _EndOfBackward:
     """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
     to it tells whether that pass is still running (torch drops it when the pass ends or fails)."""
@@ -97,7 +100,7 @@ class Backward:
         """At close: the GradScaler's verdict on the last backward pass, and every birth read."""
         monitor = self.monitor
         if monitor._finite.pending is not None:  # (with a GradScaler: its verdict on the last backward pass)
-            scale = monitor.scaler._scale if monitor.scaler is not None else None
+            scale = _scaler_scale(monitor.scaler) if monitor.scaler is not None else None
             monitor._finite.settle(scale)
         self.read_births(wait=True)
 
@@ -153,14 +156,14 @@ class Backward:
         self.end_discovery()  # (the data flow is read by now: forward passes and recomputed ones)
         plan, gen = self.monitor._schedule.plan, self.gen
         self.monitor._records.flush()  # (the eager records of this backward pass, all layers at once)
-        scale = self.monitor.scaler._scale if self.monitor.scaler is not None else None
+        scale = _scaler_scale(self.monitor.scaler) if self.monitor.scaler is not None else None
         born = self.monitor._finite.end_of_backward(
             self.monitor._schedule.passes, scale
         )  # (a few tensor ops, no host sync)
         if plan.record and self.dirty:  # (recorded: its layers had their slots)
             scale = None
-            if self.monitor.scaler is not None and self.monitor.scaler._scale is not None:
-                scale = self.monitor.scaler._scale.detach().clone()
+            if self.monitor.scaler is not None and _scaler_scale(self.monitor.scaler) is not None:
+                scale = _scaler_scale(self.monitor.scaler).detach().clone()
             snapshot = self.monitor._records.snapshot(scale)
             if plan.logged:
                 self.latest = (snapshot, gen)

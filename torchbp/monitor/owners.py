@@ -165,7 +165,7 @@ def _unwrap(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"DeltaMonitor: expected a torch.nn.Module, got {type(model).__name__}")
     while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        inner = _torch_private.compiled_module_original(model)  # torch.compile's OptimizedModule
         if inner is None and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
             inner = model.module
         if not isinstance(inner, nn.Module):

@@ -212,7 +212,9 @@ class Records:
         per_sample = _row_norms(_samples(delta))  # ‖δ_n‖, one pass over δ
         bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3
         grads = [bias_grad] if grad_weight is None else [bias_grad, grad_weight]
-        norms = torch._foreach_norm(grads, 2, dtype=_ACCUMULATE.get(bias_grad.dtype))  # BP3 and BP4, one pass each
+        norms = _torch_private.foreach_norm(
+            grads, 2, dtype=_ACCUMULATE.get(bias_grad.dtype)
+        )  # BP3 and BP4, one pass each
         self.batch.append(PendingRecord(row, per_sample, norms[0], norms[1] if grad_weight is not None else None))
         return per_sample
 

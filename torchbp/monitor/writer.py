@@ -16,7 +16,7 @@ from . import events as _events
 def open_writer(log, on_error: str = "warn"):
     """``(writer, owned)``: ``log`` itself if it is a ``SummaryWriter`` (not owned), else a SummaryWriter
     writing to the directory ``log`` (created if needed; owned: closed by the monitor)."""
-    if hasattr(log, "add_scalar") and hasattr(log, "_get_file_writer"):
+    if _torch_private.is_summary_writer(log):
         return log, False
     if not isinstance(log, (str, os.PathLike)):
         raise TypeError(f"DeltaMonitor: log must be a directory path or a SummaryWriter, got {type(log).__name__}")
@@ -112,7 +112,7 @@ class _Sink:
         self.guarded(self._write, data, events=1)
 
     def _write(self, data: bytes) -> None:
-        file_writer = self.writer._get_file_writer()
+        file_writer = _torch_private.file_writer_of(self.writer)
         if file_writer is not self._file_writer:  # (a new one after the writer was closed and reopened)
             self._file_writer = file_writer
             self._add = _torch_private.serialized_event_writer(file_writer) or self._parse_and_add
