@@ -184,21 +184,29 @@ def module_hooks_present(m: torch.nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-#: A module's registered submodules (``Module._modules``, name -> module, in order): torchbp's Sequential walks its
-#: own, as torch's ``Sequential.__iter__`` does; an attrgetter, one C call per forward. Checked on torch 2.13.0;
-#: public: ``iter(sequential)`` or ``module.named_children()`` (a Python frame per call).
-submodules: Callable[[torch.nn.Module], dict[str, torch.nn.Module]] = operator.attrgetter("_modules")
-
-#: A module's own parameters (``Module._parameters``, name -> parameter): read per layer and forward by the backprop
-#: loop, where ``Module.__getattr__`` is slow; an attrgetter. Checked on torch 2.13.0; public: ``m.weight`` (through
-#: ``Module.__getattr__``) or ``m.named_parameters(recurse=False)``.
-own_parameters: Callable[[torch.nn.Module], dict[str, Any]] = operator.attrgetter("_parameters")
+# (The next three are functions, not attrgetters: Dynamo traces the forward passes that call them, and cannot
+# trace an attrgetter.)
 
 
-#: A convolution's padding as ``torch.nn.functional.pad`` takes it (``_ConvNd._reversed_padding_repeated_twice``,
-#: the last dimension first), for a padding mode other than zeros, as torch's ``_conv_forward`` pads; an attrgetter.
-#: Checked on torch 2.13.0; public: computed from ``m.padding`` (and ``"same"`` from the kernel size and dilation).
-conv_padding: Callable[[torch.nn.Module], Any] = operator.attrgetter("_reversed_padding_repeated_twice")
+def submodules(m: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A module's registered submodules (``Module._modules``, name -> module, in order): torchbp's Sequential walks
+    its own, as torch's ``Sequential.__iter__`` does. Checked on torch 2.13.0; public: ``iter(sequential)`` or
+    ``module.named_children()``."""
+    return m._modules
+
+
+def own_parameters(m: torch.nn.Module) -> dict[str, Any]:
+    """A module's own parameters (``Module._parameters``, name -> parameter): read per layer and forward by the
+    backprop loop, where ``Module.__getattr__`` is slow. Checked on torch 2.13.0; public: ``m.weight`` (through
+    ``Module.__getattr__``) or ``m.named_parameters(recurse=False)``."""
+    return m._parameters
+
+
+def conv_padding(m: torch.nn.Module) -> Any:
+    """A convolution's padding as ``torch.nn.functional.pad`` takes it (``_ConvNd._reversed_padding_repeated_twice``,
+    the last dimension first), for a padding mode other than zeros, as torch's ``_conv_forward`` pads. Checked on
+    torch 2.13.0; public: computed from ``m.padding`` (and ``"same"`` from the kernel size and dilation)."""
+    return m._reversed_padding_repeated_twice
 
 
 def compiled_module_original(model: Any) -> Any:

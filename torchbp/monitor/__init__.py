@@ -45,7 +45,15 @@ from . import host, options, owners, ranks, writer
 from .backward import Backward
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
-from .owners import _Hook, _monitors_of, _replace, _replacements, _unwrap, monitor_of
+from .owners import (
+    _Hook,
+    _monitors_of,
+    _nothing,  # noqa: F401 (a model pickled by an earlier torchbp names it here)
+    _replace,
+    _replacements,
+    _unwrap,
+    monitor_of,
+)
 from .records import (  # noqa: F401 (the record's columns, re-exported)
     COLUMNS,
     DEAD,
@@ -249,7 +257,7 @@ class DeltaMonitor:
         if self._attached:
             return self
         self._relus = {relu: ReLUSlot() for relu in owners.take(self)}
-        self._handles.extend(self._backward.hooks())
+        self._backward.hooks(self._handles)
         # The model holds its monitor while it is attached (also one whose parameters are all frozen), through a
         # hook that never runs during training: a monitor nobody else holds keeps logging.
         self._handles.append(self.model.register_load_state_dict_post_hook(_Hook(self._keep)))

@@ -83,9 +83,9 @@ class Backward:
         }
         self.finite_slots = {name: FiniteSlot(finite, row) for row, name in enumerate(monitor.layers)}
 
-    def hooks(self) -> list:
-        """Put the monitor's hooks on its model; returns their handles."""
-        monitor, handles = self.monitor, []
+    def hooks(self, handles: list) -> None:
+        """Put the monitor's hooks on its model, their handles appended to ``handles``."""
+        monitor = self.monitor
         # Every backward pass through a monitored layer reaches a parameter's gradient: a hook there tells
         # the monitor a step happened, also when its layers have no slot or the backward ran compiled.
         for layer in monitor.layers.values():
@@ -94,7 +94,6 @@ class Backward:
                     handles.append(p.register_hook(_Hook(self.parameter_hook)))
         if monitor._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
             handles.append(monitor.model.register_forward_pre_hook(_Hook(self.before_forward)))
-        return handles
 
     def settle(self) -> None:
         """At close: the GradScaler's verdict on the last backward pass, and every birth read."""
