@@ -38,6 +38,18 @@ __all__ = [
     "force_compile_eager",
     "restore_compile_stance",
     "serialized_event_writer",
+    "is_view",
+    "foreach_norm",
+    "LossBase",
+    "module_hooks_present",
+    "submodules",
+    "own_parameters",
+    "grad_scaler_scale",
+    "compiled_module_original",
+    "conv_padding",
+    "is_summary_writer",
+    "file_writer_of",
+    "summary_writer_class",
 ]
 
 TORCH_CHECKED = "2.13.0"  # the torch version every function below was checked on
@@ -58,6 +70,18 @@ any_autocast_enabled: Callable[[], bool] = torch._C._is_any_autocast_enabled
 #: ``torch.nn.functional.mse_loss``.
 mse_loss: Callable[[Tensor, Tensor, int], Tensor] = torch._C._nn.mse_loss
 REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch.nn._reduction.get_enum's values
+
+
+#: The 2-norms (or ``ord``-norms) of a list of tensors in one fused kernel, ``foreach_norm(tensors, ord, dtype=...)``:
+#: the monitor's record takes the norms of the bias and weight gradients in one pass each. Checked on torch
+#: 2.13.0; public: ``torch.linalg.vector_norm`` per tensor (one kernel each).
+foreach_norm: Callable[..., list[Tensor]] = torch._foreach_norm
+
+#: The base class of torch's loss modules (``torch.nn.modules.loss._Loss``): it takes ``size_average``, ``reduce``
+#: and ``reduction`` and sets ``self.reduction`` as torch's losses do, so that a torchbp loss is one of them
+#: (``isinstance`` checks of trainers). Checked on torch 2.13.0; public: ``torch.nn.Module`` with the reduction
+#: argument handled by hand.
+LossBase: type = torch.nn.modules.loss._Loss
 
 
 # -- transforms and forward-mode AD ------------------------------------------------------------------
@@ -95,6 +119,14 @@ def function_apply_without_prologue(fn: type[torch.autograd.Function]) -> Callab
     the same work in half the per-call time. Checked on torch 2.13.0; public: ``fn.apply``.
     """
     return _BASE_APPLY.__get__(None, fn)
+
+
+# -- views ----------------------------------------------------------------------------------------------
+
+#: Whether a tensor is a view of another (``Tensor._is_view``): a Function's output that is a view is returned
+#: detached, as autograd refuses in-place ops on views of a custom Function's output. The unbound method, one C call
+#: per forward. Checked on torch 2.13.0; no public API (``t._base is not None`` is private too).
+is_view: Callable[[Tensor], bool] = torch.Tensor._is_view
 
 
 # -- saved tensors --------------------------------------------------------------------------------------
@@ -145,6 +177,45 @@ def global_module_hooks_present() -> bool:
     )
 
 
+def module_hooks_present(m: torch.nn.Module) -> bool:
+    """Whether module ``m`` has forward or backward hooks of its own (it must then run its own forward, so that
+    they fire; the backprop loop leaves it out). Checked on torch 2.13.0; no public API reads them (the
+    ``register_*_hook`` methods are public)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+# (The next three are functions, not attrgetters: Dynamo traces the forward passes that call them, and cannot
+# trace an attrgetter.)
+
+
+def submodules(m: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A module's registered submodules (``Module._modules``, name -> module, in order): torchbp's Sequential walks
+    its own, as torch's ``Sequential.__iter__`` does. Checked on torch 2.13.0; public: ``iter(sequential)`` or
+    ``module.named_children()``."""
+    return m._modules
+
+
+def own_parameters(m: torch.nn.Module) -> dict[str, Any]:
+    """A module's own parameters (``Module._parameters``, name -> parameter): read per layer and forward by the
+    backprop loop, where ``Module.__getattr__`` is slow. Checked on torch 2.13.0; public: ``m.weight`` (through
+    ``Module.__getattr__``) or ``m.named_parameters(recurse=False)``."""
+    return m._parameters
+
+
+def conv_padding(m: torch.nn.Module) -> Any:
+    """A convolution's padding as ``torch.nn.functional.pad`` takes it (``_ConvNd._reversed_padding_repeated_twice``,
+    the last dimension first), for a padding mode other than zeros, as torch's ``_conv_forward`` pads. Checked on
+    torch 2.13.0; public: computed from ``m.padding`` (and ``"same"`` from the kernel size and dilation)."""
+    return m._reversed_padding_repeated_twice
+
+
+def compiled_module_original(model: Any) -> Any:
+    """The module a ``torch.compile``-d module (an ``OptimizedModule``) wraps, or ``None`` for any other object:
+    a monitor attaches to the original module's layers. Checked on torch 2.13.0; no public API
+    (``OptimizedModule._orig_mod``)."""
+    return getattr(model, "_orig_mod", None)
+
+
 def registered_submodule(parent: torch.nn.Module, name: str) -> torch.nn.Module | None:
     """The submodule registered in ``parent`` under ``name`` (``parent._modules``), or ``None``; read in a module
     registration hook, before the assignment, to see what it replaces. Not through ``getattr``: a wrapper's
@@ -192,6 +263,12 @@ def will_use_gradient(node: Any) -> bool:
         return True
 
 
+#: A ``torch.amp.GradScaler``'s scale as a tensor on the device (``scaler._scale``; ``None`` before its first
+#: ``scale()``): the monitor divides it out of its norms without a host sync. An attrgetter. Checked on torch
+#: 2.13.0; public: ``scaler.get_scale()``, a Python float (a host sync).
+grad_scaler_scale: Callable[[Any], Tensor | None] = operator.attrgetter("_scale")
+
+
 # -- torch.compile's stance --------------------------------------------------------------------------------
 
 
@@ -210,6 +287,49 @@ def restore_compile_stance(token: Any) -> None:
 
 
 # -- SummaryWriter internals ----------------------------------------------------------------------------------
+
+
+def is_summary_writer(log: Any) -> bool:
+    """Whether ``log`` is a ``torch.utils.tensorboard.SummaryWriter`` (or one like it: wandb's patched one), told by
+    what the monitor uses of it: ``add_scalar`` and the private ``_get_file_writer``. Checked on torch 2.13.0;
+    public: ``isinstance(log, SummaryWriter)``, which needs tensorboard imported and misses look-alikes."""
+    return hasattr(log, "add_scalar") and hasattr(log, "_get_file_writer")
+
+
+#: A ``SummaryWriter``'s current ``FileWriter`` (``writer._get_file_writer()``, a new one after ``close()``), where the
+#: monitor hands its serialized events; a methodcaller, one C call per event. Checked on torch 2.13.0; public:
+#: ``writer.file_writer`` (not reopened after ``close()``).
+file_writer_of: Callable[[Any], Any] = operator.methodcaller("_get_file_writer")
+
+
+def summary_writer_class(event_file: Callable[[str, str, str], Any]) -> type:
+    """A subclass of torch's ``SummaryWriter`` (taking an extra ``on_error=``) whose ``FileWriter`` writes through
+    ``event_file(log_dir, filename_suffix, on_error)`` (an object with ``FileWriter.event_writer``'s methods)
+    instead of TensorBoard's ``EventFileWriter`` and its thread: the same API as torch's, with another writer
+    underneath. It overrides the private ``_get_file_writer`` and sets the ``file_writer`` and ``all_writers``
+    attributes as torch's does, and its ``FileWriter`` skips ``FileWriter.__init__`` (which would open a second event
+    file). Checked on torch 2.13.0; no public API (``SummaryWriter`` takes no file writer)."""
+    from torch.utils.tensorboard.writer import FileWriter
+    from torch.utils.tensorboard.writer import SummaryWriter as TorchSummaryWriter
+
+    class _FileWriter(FileWriter):
+        def __init__(self, log_dir: str, filename_suffix: str = "", on_error: str = "raise") -> None:
+            self.event_writer = event_file(log_dir, filename_suffix, on_error)  # (no tensorboard thread)
+
+    class SummaryWriter(TorchSummaryWriter):
+        """torch's SummaryWriter, writing through a :class:`torchbp.monitor.events.EventFile`."""
+
+        def __init__(self, *args, on_error: str = "raise", **kwargs) -> None:
+            self.on_error = on_error  # (before torch's __init__ opens the first file writer)
+            super().__init__(*args, **kwargs)
+
+        def _get_file_writer(self):
+            if self.all_writers is None or self.file_writer is None:
+                self.file_writer = _FileWriter(self.log_dir, self.filename_suffix, self.on_error)
+                self.all_writers = {self.file_writer.get_logdir(): self.file_writer}
+            return self.file_writer
+
+    return SummaryWriter
 
 
 def serialized_event_writer(file_writer: Any) -> Callable[[bytes], None] | None:

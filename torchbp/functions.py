@@ -49,6 +49,8 @@ from .equations import (
 )
 from .slots import LayerSlot
 
+_is_view = _torch_private.is_view  # (one C call per forward)
+
 __all__ = [
     "HandWrittenFunction",
     "LinearFunction",
@@ -139,7 +141,7 @@ class LinearFunction(HandWrittenFunction):
         z = F.linear(input, weight, bias)
         # For 1-D and N-D inputs F.linear returns a reshaped view of its 2-D product; a custom
         # Function's output must not be a view if it is to be modified in place (ReLU(inplace=True)).
-        return z.detach() if not torch.compiler.is_compiling() and z._is_view() else z
+        return z.detach() if not torch.compiler.is_compiling() and _is_view(z) else z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -186,7 +188,7 @@ class Conv1DFunction(HandWrittenFunction):
         size_out = input.size()[:-1] + (weight.size(-1),)
         z = torch.addmm(bias, input.view(-1, input.size(-1)), weight).view(size_out)
         # A custom Function's output must not be a view if it is to be modified in place.
-        return z.detach() if not torch.compiler.is_compiling() and z._is_view() else z
+        return z.detach() if not torch.compiler.is_compiling() and _is_view(z) else z
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -12,6 +12,7 @@ import sys
 
 from torch import Tensor, nn
 
+from . import _torch_private
 from . import functional as F
 from ._torch_private import global_module_hooks_present
 
@@ -168,7 +169,7 @@ class _ConvForward:
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
         if self.padding_mode != "zeros":
-            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            input = nn.functional.pad(input, _torch_private.conv_padding(self), mode=self.padding_mode)
             return conv(input, weight, bias, self.stride, 0, self.dilation, self.groups)
         return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -201,7 +202,7 @@ class MSELoss(nn.MSELoss):
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
-class QuadraticCost(nn.modules.loss._Loss):
+class QuadraticCost(_torch_private.LossBase):
     r"""Nielsen's quadratic cost :math:`C = \frac{1}{2n} \sum_x \lVert y(x) − a(x) \rVert^2`.
 
     ``n`` is the batch size; see :func:`torchbp.functional.quadratic_cost`.
@@ -260,8 +261,9 @@ _CHAINED = (Linear, Sigmoid, ReLU)
 _ACTIVATION = {Sigmoid: (F.SIGMOID, None), ReLU: (F.RELU, None)}
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+_hooked = _torch_private.module_hooks_present
+_submodules = _torch_private.submodules
+_own_parameters = _torch_private.own_parameters
 
 
 class Sequential(nn.Sequential):
@@ -289,7 +291,7 @@ class Sequential(nn.Sequential):
 
     def _plan(self) -> list[nn.Module | tuple[nn.Module, ...]]:
         """The modules in order, each run of layers (see the class) as one tuple."""
-        modules = list(self._modules.values())
+        modules = list(_submodules(self).values())
         if not self.chain or global_module_hooks_present():
             return modules
         plan: list[nn.Module | tuple[nn.Module, ...]] = []
@@ -315,7 +317,7 @@ class Sequential(nn.Sequential):
         return runs
 
     def forward(self, input):
-        modules = list(self._modules.values())  # (the plan of _plan, walked as it is made)
+        modules = list(_submodules(self).values())  # (the plan of _plan, walked as it is made)
         if not self.chain or global_module_hooks_present():
             for m in modules:
                 input = m(input)
@@ -331,7 +333,7 @@ class Sequential(nn.Sequential):
             for m in modules[i:j]:
                 if type(m) is Linear:
                     layers.append((F.LINEAR, m._torchbp_slot))
-                    p = m._parameters  # (Module.__getattr__ is slow)
+                    p = _own_parameters(m)  # (Module.__getattr__ is slow)
                     params += (p["weight"], p["bias"])
                 else:
                     layers.append(_ACTIVATION[type(m)])

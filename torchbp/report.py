@@ -94,6 +94,8 @@ from typing import Any
 
 import numpy as np
 
+from torchbp.names import NONFINITE_TENSORS, NONFINITE_WORDS, ROOT_NAME, STATS, Nonfinite
+
 __all__ = [
     "History",
     "Finding",
@@ -173,14 +175,10 @@ class Finding:
 
 
 def _stat_names() -> tuple[str, ...]:
-    from torchbp.monitor import STATS  # (here: the monitor may import this module)
-
     return (*STATS, *(stat for stat in EXTRA_STATS if stat not in STATS))
 
 
 def _root_name() -> str:
-    from torchbp.monitor import ROOT_NAME  # (here: the monitor may import this module)
-
     return ROOT_NAME
 
 
@@ -501,16 +499,12 @@ def analyze(history: History) -> list[Finding]:
 
 
 def _birth(step: int, layer: str, value: float) -> dict[str, Any]:
-    from torchbp.monitor import NONFINITE_TENSORS  # (here: the monitor may import this module)
-
     k = int(round(value)) - 1
     return {"step": int(step), "layer": layer, "tensor": NONFINITE_TENSORS[k] if 0 <= k < 4 else "delta"}
 
 
 def _births_finding(history: History, layers: list[str], steps: list[int]) -> list[Finding]:
     """Where the monitor saw a NaN or Inf born (``history["nonfinite"]``: checked on every step, logged or not)."""
-    from torchbp.monitor import NONFINITE_WORDS, Nonfinite
-
     births = [Nonfinite(int(b["step"]), str(b["layer"]), str(b["tensor"])) for b in history["nonfinite"]]
     if not births:
         return []

@@ -13,32 +13,47 @@ The package, one job per module:
 
 - :mod:`torchbp.monitor.records`: the records written in backward (tensor math behind the slot interface)
 - :mod:`torchbp.monitor.schedule`: which step is recorded and logged, the step axis
+- :mod:`torchbp.monitor.backward`: what runs during backward: the step's begin and end, arming the layers,
+  where a non-finite value was born
 - :mod:`torchbp.monitor.dataflow`: the data flow between layers (for the gains)
 - :mod:`torchbp.monitor.host`: the host side: the copy, the statistics table, the bounded history, events
 - :mod:`torchbp.monitor.writer`: opening the event writer, and the sink events go to
 - :mod:`torchbp.monitor.ranks`: the merge across ranks
+- :mod:`torchbp.monitor.owners`: which monitor owns which module (:func:`monitor_of`), the hooks, a new monitor
+  replacing the old one
+- :mod:`torchbp.monitor.options`: the checks of the constructor's arguments
 - this module: :class:`DeltaMonitor`, the facade (configuration, attach/detach, reading)
+
+The names the monitor and the report share (:data:`STATS`, ``ROOT_NAME``, :class:`Nonfinite`) are in
+:mod:`torchbp.names`.
 """
 
 from __future__ import annotations
 
 import os
-import time
-import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _torch_private
+from ..names import ROOT_NAME, Nonfinite
 from ..nn import ReLU, is_monitored_layer
-from . import dataflow, host, ranks, writer
-from . import events as _events
+from . import host, options, owners, ranks, writer
+from .backward import Backward
 from .dataflow import DataFlow
 from .host import BATCH_S, MAX_HISTORY, HostSide, Layout
+from .owners import (
+    _Hook,
+    _monitors_of,
+    _nothing,  # noqa: F401 (a model pickled by an earlier torchbp names it here)
+    _replace,
+    _replacements,
+    _unwrap,
+    monitor_of,
+)
 from .records import (  # noqa: F401 (the record's columns, re-exported)
     COLUMNS,
     DEAD,
@@ -60,26 +75,9 @@ from .records import (  # noqa: F401 (the record's columns, re-exported)
     dead_record,
     layer_record,
 )
-from .schedule import Schedule, StepPlan
+from .schedule import Schedule
 
 __all__ = ["DeltaMonitor", "monitor_of", "Nonfinite", "STATS", "layer_record", "dead_record", "BATCH_S", "MAX_HISTORY"]
-
-
-#: The name of a monitored layer that is the model itself (a bare ``torchbp.nn.Linear``): its qualified name is
-#: empty, and a tag needs one (``delta_norm/model``).
-ROOT_NAME = "model"
-
-
-class Nonfinite(NamedTuple):
-    """Where a non-finite value (NaN or Inf) was born: the ``step``, the ``layer`` (qualified name) and the
-    ``tensor`` (one of ``"delta"``, ``"input"``, ``"weight_grad"``, ``"bias_grad"``)."""
-
-    step: int
-    layer: str
-    tensor: str
-
-    def __str__(self) -> str:
-        return f"{NONFINITE_WORDS[self.tensor]} of layer {self.layer!r} at step {self.step}"
 
 
 def _monitored_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -99,243 +97,40 @@ def _out_features(layer: nn.Module) -> int:
     return int(layer.out_features)
 
 
-class _Hook:
-    """A hook the monitor puts on the model or on a parameter. A copy of the model (``copy.deepcopy``,
-    ``torch.save``, ``AveragedModel``) gets a hook that does nothing instead: the copy is not monitored,
-    and copying needs nothing of the monitor (its threads and locks cannot be copied)."""
-
-    __torch_unserializable__ = True  # (torch.save leaves parameter hooks out: no warning for these)
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-    def __reduce__(self):
-        return (_Hook, (_nothing,))
-
-
-def _nothing(*args) -> None:
-    return None
-
-
-# Which monitor owns each monitored module (a copy of a module is not in it), by a weak reference: the monitor holds
-# the model, so a strong one would keep both alive for ever once dropped together.
-_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _owner(module: nn.Module) -> DeltaMonitor | None:
-    """The monitor that owns ``module``, or ``None``."""
-    ref = _owners.get(module)
-    return None if ref is None else ref()
-
-
-def monitor_of(model: nn.Module) -> DeltaMonitor | None:
-    """The :class:`DeltaMonitor` attached to ``model``'s layers, or ``None``.
-
-    The handle to a monitor that is no longer held (a notebook cell run again): ``torchbp.monitor_of(model).close()``.
-    Where parts of ``model`` have monitors of their own, the one of its first monitored layer (in model order);
-    a compiled or data-parallel wrapper is unwrapped, as by :class:`DeltaMonitor`.
-
-    Example::
-
-        >>> model = torchbp.nn.Linear(4, 2)
-        >>> monitor = torchbp.DeltaMonitor(model)
-        >>> torchbp.monitor_of(model) is monitor
-        True
-    """
-    for module in _unwrap(model).modules():
-        owner = _owner(module) if is_monitored_layer(module) else None
-        if owner is not None:
-            return owner
-    return None
-
-
-class _EndOfBackward:
-    """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
-    to it tells whether that pass is still running (torch drops it when the pass ends or fails)."""
-
-    __slots__ = ("fn", "__weakref__")
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.fn = fn
-
-    def __call__(self) -> None:
-        self.fn()
-
-
-def _dead_ref() -> None:
-    return None
-
-
-class _Replacements:
-    """Watches, while some monitor is attached, for its model changed under it: a monitored layer replaced
-    (``model[0] = torchbp.nn.Linear(...)``, a block reassigned) or a layer it would monitor added (a second
-    ``torchbp.convert``): a global module registration hook of torch (public API), which runs when a
-    submodule is assigned, not in training. The monitor then warns, once, naming the layers."""
-
-    def __init__(self) -> None:
-        self.monitors: weakref.WeakSet = weakref.WeakSet()  # the attached monitors
-        self.handle = None
-
-    def watch(self, monitor: DeltaMonitor, on: bool) -> None:
-        if on:
-            self.monitors.add(monitor)
-        else:
-            self.monitors.discard(monitor)
-        if self.monitors and self.handle is None:
-            self.handle = nn.modules.module.register_module_module_registration_hook(self._registered)
-        elif not self.monitors and self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    def _registered(self, parent: nn.Module, name: str, module: nn.Module | None) -> None:
-        old = _torch_private.registered_submodule(parent, name)  # (the hook runs before the assignment)
-        if old is module:
-            return
-        for monitor in list(self.monitors):
-            prefix = monitor._tree.get(parent)
-            if prefix is None:
-                continue  # (not a module of this monitor's model)
-            kept = set() if module is None else set(module.modules())
-            gone = set() if old is None else set(old.modules()) - kept
-            replaced = [n for n, m in monitor.layers.items() if m in gone]
-            added = (
-                []
-                if module is None
-                else [
-                    ".".join(filter(None, (prefix, name, sub)))
-                    for sub, m in module.named_modules()
-                    if is_monitored_layer(m) and m not in _owners
-                ]
-            )
-            if replaced or added:
-                monitor._changed(replaced[::-1], added)
-
-
-_replacements = _Replacements()
-
-
 class DeltaMonitor:
     r"""Records δ^l = ∂C/∂z^l of every :class:`torchbp.nn.Linear` of a model, on the steps it logs.
 
-    For each layer and logged step, the hand-written backward computes (on δ's device, with tensor ops,
-    eager or compiled, without a host sync):
-
-    ============================  ===================================================================
-    TensorBoard tag               value
-    ============================  ===================================================================
-    ``delta_norm/<layer>``        ‖Σ_n δ_n‖ = ‖∂C/∂b‖ (BP3), Nielsen's speed of learning of the layer
-    ``delta_fro/…``               ‖δ‖ over the whole batch (Frobenius, √Σ_n ‖δ_n‖²)
-    ``delta_sample_norm_mean/…``  mean over samples of ‖δ_n‖
-    ``delta_sample_norm_max/…``   max over samples of ‖δ_n‖
-    ``weight_grad_norm/…``        ‖∂C/∂W‖ (BP4)
-    ``delta_gain/…``              ‖δ^l‖ / ‖δ^c‖ (Frobenius norms over the batch), where c is the monitored
-                                  Linear that consumes layer l's output through element-wise
-                                  operations only (activations, residual additions, casts, dropout):
-                                  the next layer of an MLP, fc1 → fc2 of a transformer's MLP. With
-                                  several consumers, ‖δ^c‖ is the norm of all their δ together
-                                  (√Σ_c ‖δ^c‖²). Absent where no monitored Linear consumes the output
-                                  that way (the output layer; q/k/v projections feeding attention;
-                                  a layer followed by LayerNorm). < 1 vanishing, > 1 exploding
-    ``dead_fraction/…``           for a layer whose output goes straight into a torchbp ReLU: the
-                                  fraction of units whose σ'(z) was 0 for every sample
-    ``delta_nonfinite/…``         1 if δ held a NaN or Inf, else 0 (the other values of that
-                                  layer and step are then not written: they are not numbers)
-    ============================  ===================================================================
-
-    ``<layer>`` is the module's qualified name in the model (``"0"``, ``"encoder.fc1"``). Layers are
-    listed in reverse model order (the output layer first: backward order, for a sequential model).
-
-    **Steps.** A backward pass that reaches a monitored layer (``loss.backward()`` or
-    ``torch.autograd.grad``) has a step number: by default they count backward passes from 0; with
-    ``step=`` (the one documented way to follow your own counter, e.g. ``step=lambda: trainer.global_step``
-    or the number of optimizer steps) it is that callable's value when the backward pass begins, so δ
-    charts share their x-axis with your loss. :attr:`step` is the last backward pass's number. Step ``s`` is
-    logged when ``s % every == 0``. **Gradient accumulation** (several backward passes with the same step):
-    the first backward pass of a logged step is recorded and logged; the others of that step record
-    nothing. A backward pass run inside another one (a reentrant ``torch.utils.checkpoint``'s) belongs to
-    the step of the one enclosing it. :attr:`every`, :attr:`histogram_every` and :attr:`image_every` can
-    be set after construction (from the next forward pass). A layer replaced or added after attaching is
-    not monitored, with one warning naming it: make a new monitor after changing the model.
-
-    **Free when not logging, but for a finiteness flag.** Only a backward pass that is logged (or writes
-    histograms) computes statistics: for the others the layers' forward and backward are exactly those of
-    an unmonitored model, plus one finiteness flag per layer (what else remains is a hook per monitored
-    parameter that counts the pass). **Every** backward pass checks each layer's δ, ∂C/∂W, ∂C/∂b and input
-    for a NaN or Inf (a few sums written into a device buffer, no host sync; read at the next logged step,
-    :meth:`flush`, :meth:`close` or :meth:`nonfinite`): :meth:`nonfinite` and :attr:`first_nonfinite` name
-    the step, layer and tensor where it was born, logged or not, and the log holds it (``nonfinite/<layer>``).
-    :meth:`latest` and :meth:`per_sample_grad_norms` read the last logged step.
-
-    **Compiled models.** The statistics are tensor ops in the backward, so ``torch.compile`` (also with
-    ``fullgraph=True``) compiles them into the backward graph. A logged and an unlogged step run two
-    compiled graphs (with and without the records), each compiled once and cached: no recompilation
-    after the first of each. Attaching a monitor to a compiled model, or closing it, changes what the
-    layers' forward reads, so the next call recompiles once. The data flow between layers (for
-    ``delta_gain`` and ``dead_fraction``) is read from the autograd graph of the eager forward passes before
-    the first backward pass ends (forward passes recomputed by activation checkpointing included): until
-    then, ``torch.compile`` runs eagerly (its stance is ``"force_eager"``), then compiles as usual. δ histograms are recorded in eager backward passes only.
-    With a step callable, see :mod:`torchbp.monitor.schedule` for when a compiled model is armed.
-
-    **Logging.** With ``log`` set, the statistics of every logged step are copied to the host
-    (non-blocking, into pinned memory, on CUDA); their events are built in batches and written by a
-    background thread. Flush policy: each logged step is handed to the operating system within about
-    0.25 s (it then survives the process being killed), and all of them by :meth:`flush`, :meth:`close` or
-    normal interpreter exit. Histograms of δ per layer (tag ``delta/<layer>``) are written every
-    ``histogram_every`` steps; a picture of δ per layer and step (the δ map, tag ``delta_map``) every
-    ``image_every`` steps, but no sooner after the last one than keeps its drawing (matplotlib, ~0.2 s) under
-    1% of the time (``torchbp.monitor.host.IMAGE_SHARE``), and on close. Under ``torch.distributed``, only rank ``log_rank`` writes
-    (default 0). :meth:`history` keeps at most ``max_history`` logged steps (evenly spaced over the run, and
-    the newest: see :class:`torchbp.monitor.host.History`), so memory is bounded in the run's length.
-
-    **One monitor per log directory, one per model.** TensorBoard shows one run per directory: a monitor whose
-    log directory another open monitor of this process writes to (however the path is spelled) fails, saying
-    to give each model its own subdirectory; once that one is closed, a new monitor appends to the directory
-    (a resumed run). Monitors sharing one ``SummaryWriter`` of the user's may do so when their layer names
-    differ. A new monitor on a model (or part of one) that another monitor watches closes that one, with a
-    warning naming its log: :func:`monitor_of` finds a model's monitor. A model that is itself the layer (a
-    bare :class:`torchbp.nn.Linear`) is named ``model`` in the tags.
-
-    **Copies.** A monitored model can be deep-copied, pickled with ``torch.save`` and wrapped by
-    ``torch.optim.swa_utils.AveragedModel``, before and after its first forward pass: the copy is not
-    monitored, the original still is.
+    On each logged step (``step % every == 0``; steps count backward passes, or follow ``step=``) the
+    hand-written backward reduces δ^l and its BP3/BP4 gradients to the statistics of :data:`STATS` (tags
+    ``<stat>/<layer>``, ``<layer>`` the qualified name; the table: docs/monitor.md, "The tags"), with tensor
+    ops, eager or compiled, without a host sync. Other steps run the ops of an unmonitored model plus one
+    finiteness flag per layer: :meth:`nonfinite` names where a NaN or Inf was born. Accumulation,
+    checkpointing, compiled and data-parallel models, copies, one monitor per directory: docs/monitor.md.
 
     Args:
         model: a module containing :class:`torchbp.nn.Linear` layers (built with them or converted by
             :func:`torchbp.convert`); a ``DistributedDataParallel`` or compiled wrapper is unwrapped.
-        log: a log directory (created if needed), a ``torch.utils.tensorboard.SummaryWriter``, or
-            ``None`` to only record (see :meth:`latest`). Under ``wandb.init(sync_tensorboard=True)`` a
-            directory is written through torch's ``SummaryWriter`` (flushed every second), which W&B syncs.
+        log: a log directory (created if needed; one open monitor per directory), a
+            ``torch.utils.tensorboard.SummaryWriter``, or ``None`` to only record (see :meth:`latest`).
             Default: ``None``.
-        every: log (and record) every this many steps. Default: ``10`` with ``log``, ``1`` without (a
-            monitor without a log is read with :meth:`latest` after any step).
-        histogram_every: write δ histograms every this many steps; ``0`` for never. Default:
-            ``10 * every``.
+        every: log (and record) every this many steps; settable. Default: ``10`` with ``log``, ``1`` without.
+        histogram_every: write δ histograms every this many steps; ``0`` for never. Default: ``10 * every``.
         image_every: draw the δ map every this many steps (needs matplotlib); ``0``: only on close.
             Default: ``100 * every``.
         per_sample_norms: also compute each sample's weight- and bias-gradient norm (see
             :meth:`per_sample_grad_norms`; eager backward passes only). Default: ``False``.
-        scaler: the ``torch.amp.GradScaler`` scaling the loss: its scale is divided out of the norms
-            (on the device). Default: ``None``.
-        global_stats: under ``torch.distributed``, log statistics over all ranks' samples (one
-            all-gather of the small per-layer records on logged steps only; every rank must run the
-            same steps). Default: ``False``: rank ``log_rank``'s own samples.
-        log_rank: the rank that writes under ``torch.distributed``; ``None``: every rank writes, to
-            ``<log>/rank<r>``. Default: ``0``.
-        step: a callable returning the current step number (an int), or ``None`` to count backward
-            passes. Default: ``None``.
+        scaler: the ``torch.amp.GradScaler`` scaling the loss: its scale is divided out of the norms.
+            Default: ``None``.
+        global_stats: under ``torch.distributed``, statistics over all ranks' samples (every rank must run
+            the same steps). Default: ``False``: rank ``log_rank``'s own samples.
+        log_rank: the rank that writes; ``None``: every rank, to ``<log>/rank<r>``. Default: ``0``.
+        step: a callable returning the current step number, or ``None`` to count backward passes.
+            Default: ``None``.
         max_history: the most logged steps :meth:`history` holds. Default: ``2048``.
-        on_error: what a failure to write the logs (a full disk, a deleted log directory, an error of the
-            user's SummaryWriter) does: ``"warn"``: one warning naming the directory and the error,
-            training goes on, the writer retries with each new batch of events and counts those it could
-            not write (:attr:`dropped`; ``flush()`` and ``close()`` warn with the count, and never raise);
-            ``"raise"``: the error is raised by the call that finds it (possibly ``backward()``).
-            Default: ``"warn"``.
+        on_error: what a failure to write the logs does: ``"warn"`` (one warning, training goes on, the
+            events not written are counted in :attr:`dropped`) or ``"raise"``. Default: ``"warn"``.
         raise_nonfinite: raise ``FloatingPointError`` at the end of the backward pass in which a NaN or Inf
-            was born, naming the tensor, layer and step (reads the flags back every step: a host sync per
-            backward pass; eager and compiled). Default: ``False``.
+            was born, naming the tensor, layer and step (a host sync per backward pass). Default: ``False``.
 
     Example::
 
@@ -344,9 +139,6 @@ class DeltaMonitor:
         ...     torchbp.nn.CrossEntropyLoss()(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
         >>> list(monitor.latest())
         ['2', '0']
-
-    A layer called several times in one forward is recorded once per call; :meth:`latest` keeps the
-    values of the call whose backward ran last (the first call).
     """
 
     def __init__(
@@ -366,32 +158,9 @@ class DeltaMonitor:
         raise_nonfinite: bool = False,
     ) -> None:
         model = _unwrap(model)
-        if every is None:
-            every = 10 if log is not None else 1
-        for name, value in (
-            ("every", every),
-            ("histogram_every", histogram_every),
-            ("image_every", image_every),
-            ("max_history", max_history),
-        ):
-            if value is not None or name == "every":
-                _check_count(name, value)
-        if scaler is not None and not hasattr(scaler, "get_scale"):
-            raise TypeError(f"DeltaMonitor: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if step is not None and not callable(step):
-            raise TypeError(
-                f"DeltaMonitor: step must be a callable returning the step number (e.g. "
-                f"step=lambda: trainer.global_step) or None, got {type(step).__name__}"
-            )
+        every = options.check(log, every, histogram_every, image_every, max_history, scaler, step)
         layers = _monitored_layers(model)
-        if not layers:
-            plain = [name or "<model>" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-            hint = (
-                f"; it has torch.nn.Linear layers ({', '.join(plain[:5])}): call torchbp.convert(model) first"
-                if plain
-                else "; build the model with torchbp.nn.Linear or call torchbp.convert(model)"
-            )
-            raise ValueError(f"DeltaMonitor: found no torchbp.nn.Linear in {type(model).__name__}{hint}")
+        options.check_layers(model, layers)
         self.model = model
         self.layers = dict(reversed(layers.items()))  # backward order for a sequential model
         self._names = list(self.layers)
@@ -402,12 +171,10 @@ class DeltaMonitor:
         self.global_stats = bool(global_stats)
         self.rank, self.world_size = ranks.rank_and_world()
         self.max_history = max_history
-        if on_error not in _events.ON_ERROR:
-            raise ValueError(f"DeltaMonitor: on_error must be one of {_events.ON_ERROR}, got {on_error!r}")
-        self.on_error = on_error
-        self._claim = None
+        self.on_error = options.check_on_error(on_error)
         replaced = _monitors_of(self.layers)  # (replaced once the writer is open: a failure here leaves them be)
-        self._open(log, log_rank, replaced)  # (the writer first: the histograms' schedule depends on it)
+        # (the writer first: the histograms' schedule depends on it)
+        self.writer, self._owns_writer, self._sink, self._claim = writer.open_for(self, log, log_rank, replaced)
         _replace(replaced)
         self._schedule = Schedule(every, self._histogram_every if self._sink is not None else 0, step)
         widths = [_out_features(layer) for layer in self.layers.values()]
@@ -416,18 +183,8 @@ class DeltaMonitor:
         self._records = Records(widths, dtype, weights[0].device, self.global_stats and self.world_size > 1)
         self._flow = DataFlow(len(self.layers))
         self._finite = Finiteness(len(self.layers), weights[0].device)
-        self._slots = {
-            name: LayerSlot(
-                self._records, self._flow, name, row, self.per_sample_norms, self._backward_seen, self._finite
-            )
-            for row, name in enumerate(self.layers)
-        }
-        self._finite_slots = {name: FiniteSlot(self._finite, row) for row, name in enumerate(self.layers)}
+        self._backward = Backward(self)  # (what runs during backward; the layers' slots)
         self.raise_nonfinite = bool(raise_nonfinite)
-        self._pass_steps: dict[int, int] = {}  # backward pass number -> its step, for the passes not yet read
-        self._births: dict[tuple[int, int], int] = {}  # (row, tensor) -> the step its non-finite value was born
-        self._births_copy: tuple[host.HostCopy, int] | None = None  # a copy of the births on its way to the host
-        self._births_written: set[int] = set()  # the rows whose birth is in the log
         self._host = HostSide(
             Layout(widths, self._records.vector_at, self._flow),
             self._names,
@@ -441,13 +198,7 @@ class DeltaMonitor:
         if self._claim is not None:
             self._claim.host = self._host
         self._relus: dict[ReLU, ReLUSlot] = {}
-        self._gen = 0  # the generation number the next recorded step's records carry (also in the buffer)
-        self._latest: tuple[Tensor, int] | None = None  # the last logged step's records and generation
-        self._task = None  # the backward pass whose step is running (its id), and its end-of-backward callback
-        self._end: weakref.ref = _dead_ref
-        self._eager_step = False
-        self._attached = self._armed = self._dirty = False
-        self._stance_forced = False
+        self._attached = False
         self._handles: list[Any] = []
         try:
             self.attach()
@@ -456,21 +207,6 @@ class DeltaMonitor:
                 self.writer.close()  # (nothing was attached: nothing is left behind)
             writer.release_directory(self._claim)
             raise
-
-    def _open(self, log, log_rank, replaced: list[DeltaMonitor]) -> None:
-        self.writer, self._owns_writer, self._sink = None, False, None
-        if log is not None and (log_rank is None or self.rank == log_rank):
-            if log_rank is None and self.world_size > 1 and isinstance(log, (str, os.PathLike)):
-                log = os.path.join(os.fspath(log), f"rank{self.rank}")
-            owned = isinstance(log, (str, os.PathLike))
-            # (one open monitor per directory; those this one replaces give theirs up)
-            self._claim = writer.claim_directory(log, self, self._names, owned, replaced)
-            try:
-                self.writer, self._owns_writer = writer.open_writer(log, self.on_error)
-            except BaseException:
-                writer.release_directory(self._claim)
-                raise
-            self._sink = writer._Sink(self.writer, self.on_error)
 
     # -- the schedule, settable ---------------------------------------------------------------------
 
@@ -482,8 +218,8 @@ class DeltaMonitor:
 
     @every.setter
     def every(self, value: int) -> None:
-        self._schedule.every = _check_count("every", value)
-        self._rearm()
+        self._schedule.every = options.check_count("every", value)
+        self._backward.rearm()
 
     @property
     def histogram_every(self) -> int:
@@ -492,9 +228,9 @@ class DeltaMonitor:
 
     @histogram_every.setter
     def histogram_every(self, value: int) -> None:
-        self._histogram_every = _check_count("histogram_every", value)
+        self._histogram_every = options.check_count("histogram_every", value)
         self._schedule.histogram_every = value if self._sink is not None else 0
-        self._rearm()
+        self._backward.rearm()
 
     @property
     def image_every(self) -> int:
@@ -503,19 +239,11 @@ class DeltaMonitor:
 
     @image_every.setter
     def image_every(self, value: int) -> None:
-        self._host.image_every = _check_count("image_every", value)
-
-    def _rearm(self) -> None:
-        """The schedule changed: arm the layers for the next forward pass as the end of a backward pass does."""
-        if self._attached and _torch_private.current_graph_task_id() == -1:
-            self._arm(self._schedule.arm_next() or self._flow.discovering)
+        self._host.image_every = options.check_count("image_every", value)
 
     def _log_shown(self) -> str:
         """Where the monitor logs, for a message: ``logging to '<directory>'``, or ``without a log``."""
-        directory = self._claim.shown if self._claim is not None else None
-        if directory is None and self.writer is not None:
-            directory = writer.log_directory(self.writer)
-        return f"logging to {directory!r}" if directory is not None else "without a log"
+        return writer.log_shown(self._claim, self.writer)
 
     @property
     def step(self) -> int:
@@ -528,36 +256,16 @@ class DeltaMonitor:
         """Take the model's layers (done by the constructor); they get their slots on the steps that record."""
         if self._attached:
             return self
-        taken = [name for name, layer in self.layers.items() if _owner(layer) is not None]
-        if taken:
-            other = _owner(self.layers[taken[0]])
-            raise RuntimeError(
-                f"DeltaMonitor: layer {taken[0]!r} is already monitored by another DeltaMonitor "
-                f"({other._log_shown()}); close that one first: torchbp.monitor_of(model).close()"
-            )
-        for layer in self.layers.values():
-            _owners[layer] = weakref.ref(self)
-        self._relus = {}
-        for relu in self.model.modules():
-            if isinstance(relu, ReLU) and _owner(relu) is None:
-                _owners[relu] = weakref.ref(self)
-                self._relus[relu] = ReLUSlot()
-        # Every backward pass through a monitored layer reaches a parameter's gradient: a hook there tells
-        # the monitor a step happened, also when its layers have no slot or the backward ran compiled.
-        for layer in self.layers.values():
-            for p in layer.parameters(recurse=False):
-                if p.requires_grad:
-                    self._handles.append(p.register_hook(_Hook(self._parameter_hook)))
-        if self._schedule.step_fn is not None:  # an eager forward pass arms the layers from the callable's value
-            self._handles.append(self.model.register_forward_pre_hook(_Hook(self._before_forward)))
+        self._relus = {relu: ReLUSlot() for relu in owners.take(self)}
+        self._backward.hooks(self._handles)
         # The model holds its monitor while it is attached (also one whose parameters are all frozen), through a
         # hook that never runs during training: a monitor nobody else holds keeps logging.
         self._handles.append(self.model.register_load_state_dict_post_hook(_Hook(self._keep)))
         self._attached = True
         self._tree = weakref.WeakKeyDictionary({m: n for n, m in self.model.named_modules()})  # (the model's modules)
         _replacements.watch(self, True)
-        self._start_discovery()
-        self._arm(True)  # (the first forward pass: it reads the data flow)
+        self._backward.start_discovery()
+        self._backward.arm(True)  # (the first forward pass: it reads the data flow)
         return self
 
     def _keep(self, module, incompatible_keys) -> None:
@@ -567,56 +275,19 @@ class DeltaMonitor:
         """Remove the slots: the model runs exactly as without a monitor."""
         if not self._attached:
             return
-        self._end_discovery()
-        self._arm(False)
-        for module in [*self.layers.values(), *self._relus]:
-            module.__dict__.pop("_torchbp_slot", None)
-            if _owner(module) is self:
-                del _owners[module]
+        self._backward.end_discovery()
+        self._backward.arm(False)
+        owners.release(self, [*self.layers.values(), *self._relus])
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._attached = False
         _replacements.watch(self, False)
 
-    def _changed(self, replaced: list[str], added: list[str]) -> None:
-        """The model changed under the monitor: it keeps the layers it attached to and sees no new one."""
-        parts = [
-            f"replaced: {', '.join(map(repr, replaced))}" if replaced else "",
-            f"added: {', '.join(map(repr, added))}" if added else "",
-        ]
-        self._host.warn_once(
-            "changed",  # (once: the fix is the same for every later change)
-            f"layers of the monitored model changed after the monitor attached ({'; '.join(filter(None, parts))}): "
-            "the replaced and the new layers are not monitored; close this monitor and make a new one, "
-            "DeltaMonitor(model, ...), after changing the model",
-        )
-
-    def _arm(self, on: bool) -> None:
-        """Hand the layers their slots (``on``) or their finiteness slots, for the coming forward and backward pass.
-        Under torch.compile, Dynamo guards on these attributes: a compiled graph with records and one with the
-        finiteness flags only."""
-        on = on and self._attached
-        if on == self._armed:
-            return
-        self._armed = on
-        self._dirty = self._dirty or on
-        for name, layer in self.layers.items():  # (off: the finiteness flags only)
-            layer._torchbp_slot = self._slots[name] if on else self._finite_slots[name]
-        for relu, slot in self._relus.items():
-            relu._torchbp_slot = slot if on else None
-
-    def _before_forward(self, module, args) -> None:
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            return  # (traced by Dynamo as nothing: a compiled model is armed at the end of backward)
-        if _torch_private.current_graph_task_id() != -1:
-            return  # a forward recomputed in a backward (torch.utils.checkpoint): its step is running
-        self._arm(self._schedule.arm_now() or self._flow.discovering)
-
     def flush(self) -> None:
         """Block until every step logged so far is written and handed to the operating system, with where a
         non-finite value was born (tag ``nonfinite/<layer>``) if one was."""
-        self._read_births(wait=True)
+        self._backward.read_births(wait=True)
         if self._sink is not None:
             self._host.flush()
 
@@ -630,10 +301,7 @@ class DeltaMonitor:
     def close(self) -> None:
         """Detach, write the δ map, write everything queued and close the writer if the monitor opened it."""
         self.detach()
-        if self._finite.pending is not None:  # (with a GradScaler: its verdict on the last backward pass)
-            scale = self.scaler._scale if self.scaler is not None else None
-            self._finite.settle(scale)
-        self._read_births(wait=True)
+        self._backward.settle()
         try:
             self._host.close(self._owns_writer)
         finally:
@@ -646,135 +314,6 @@ class DeltaMonitor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the data flow, from one eager forward pass -------------------------------------------------------
-
-    def _start_discovery(self) -> None:
-        self._flow.discovering = True
-        self._flow.reset()
-        self._stance_forced = True
-        dataflow.force_eager(True)
-
-    def _end_discovery(self) -> None:
-        # At the end of the first backward pass, not of the first forward: a block under a reentrant
-        # torch.utils.checkpoint runs its forward without gradients, and again, with them, in the backward.
-        self._flow.discovering = False
-        if self._stance_forced:
-            self._stance_forced = False
-            dataflow.force_eager(False)
-
-    # -- recording (called from backward) ------------------------------------------------------------
-
-    @torch.compiler.disable
-    def _parameter_hook(self, grad: Tensor) -> None:
-        if not _torch_private.is_functorch_wrapped(grad):
-            self._backward_seen(None)
-
-    def _backward_seen(self, delta: Tensor | None) -> StepPlan:
-        """A monitored layer's backward (``delta``, or ``None`` from a ReLU's) or a monitored parameter's
-        gradient (``None``) ran: the plan of this backward pass."""
-        task = _torch_private.current_graph_task_id()
-        if task != self._task and not self._nested(task):  # the first of a new backward pass
-            self._task = task
-            plan = self._schedule.begin()
-            self._pass_steps[self._schedule.passes - 1] = plan.step
-            if plan.record:
-                self._records.hists = {}
-                if self.per_sample_norms:
-                    self._records.per_sample = {}
-            self._eager_step = False
-            end = _EndOfBackward(self._end_of_backward)
-            self._end = weakref.ref(end)  # (held by the backward pass until it ends or fails)
-            _torch_private.queue_end_of_backward_callback(end)
-        if delta is not None:
-            self._eager_step = True
-            self._records.follow(delta)
-        return self._schedule.plan
-
-    def _nested(self, task: int) -> bool:
-        """Whether backward pass ``task`` runs inside the one this monitor's step is in (``self._task``): a
-        backward called from a backward, as a reentrant ``torch.utils.checkpoint`` does for its block. Its
-        layers belong to the running step. The running one is still alive while its end-of-backward callback
-        is (torch frees it with the pass, also when the pass raised: then ``task`` begins a new step)."""
-        return self._task is not None and self._end() is not None
-
-    def _end_of_backward(self) -> None:
-        node = _torch_private.enclosing_backward_node()
-        if node is not None:  # this backward pass ran inside another one's node: the step ends with that one
-            end = _EndOfBackward(self._end_of_backward)  # (queued on the enclosing pass once that node is done)
-            self._end = weakref.ref(end)  # (held by the node's hook, then by the enclosing pass)
-
-            def resume(grad_inputs, grad_outputs) -> None:
-                handle.remove()
-                self._task = _torch_private.current_graph_task_id()
-                _torch_private.queue_end_of_backward_callback(end)
-
-            handle = node.register_hook(resume)
-            return
-        self._task = None
-        self._end_discovery()  # (the data flow is read by now: forward passes and recomputed ones)
-        plan, gen = self._schedule.plan, self._gen
-        self._records.flush()  # (the eager records of this backward pass, all layers at once)
-        scale = self.scaler._scale if self.scaler is not None else None
-        born = self._finite.end_of_backward(self._schedule.passes, scale)  # (a few tensor ops, no host sync)
-        if plan.record and self._dirty:  # (recorded: its layers had their slots)
-            scale = None
-            if self.scaler is not None and self.scaler._scale is not None:
-                scale = self.scaler._scale.detach().clone()
-            snapshot = self._records.snapshot(scale)
-            if plan.logged:
-                self._latest = (snapshot, gen)
-            if plan.logged and self._records.vectors is not None:  # global statistics: every rank logs this step
-                self._submit_global(plan, gen, snapshot, scale)
-            elif self._sink is not None:
-                self._host.queue(plan.step, gen, plan.logged, [snapshot, None, None], self._records.hists)
-            if plan.histogram and not self._eager_step:
-                self._host.warn_once(
-                    "histograms", f"no δ histograms at step {plan.step}: recorded in eager backward passes only"
-                )
-        elif plan.logged:
-            self._host.warn_once(
-                "unarmed",
-                f"step {plan.step} was not recorded: the step callable's value changed between the forward "
-                "and the backward pass of a compiled model",
-            )
-        if self._dirty:  # the next recorded step's records carry the next number
-            self._gen = (gen + 1) % (1 << 20)
-            self._records.next_generation(self._gen)
-        self._dirty = False
-        self._arm(self._schedule.arm_next())
-        self._dirty = self._armed
-        if plan.logged:  # the births so far, on their way to the host (read at the next logged step or on demand)
-            self._read_births(wait=False)
-            self._births_copy = (host.HostCopy([self._finite.births.clone()]), self._schedule.passes)
-            self._read_births(wait=False)
-        if self.raise_nonfinite and bool(born.any()):  # (a host sync per backward pass)
-            self._read_births(wait=True)
-            raise FloatingPointError(
-                f"DeltaMonitor: a NaN or Inf was born in {self.nonfinite()} (raise_nonfinite=True); the backward "
-                "pass stopped here, its gradients are not all written. Look at what entered that layer"
-            )
-
-    def _submit_global(self, plan: StepPlan, gen: int, snapshot: Tensor, scale: Tensor | None) -> None:
-        # After DistributedDataParallel's own end-of-backward callback (queued before this one), which
-        # all-reduces the gradients: then gather every rank's records.
-        vectors, hists = self._records.vectors.clone(), self._records.hists
-        queue = _torch_private.queue_end_of_backward_callback
-        queue(lambda: self._queue_global(plan.step, gen, snapshot, vectors, hists, scale))
-
-    def _queue_global(self, step: int, gen: int, snapshot: Tensor, vectors: Tensor, hists: dict, scale) -> None:
-        gathered, gathered_vectors = ranks.gather(snapshot, vectors, self.world_size)  # on logged steps only
-        if self._sink is None:
-            return
-        # ‖∂C/∂W‖ of the global batch: the norm of the gradient the all-reduce averaged over ranks.
-        weight_norms = [
-            _norm(w.grad) if (w := layer.weight).grad is not None else snapshot.new_full((), -1.0)
-            for layer in self.layers.values()
-        ]
-        weight_norms = torch.stack([n.to(snapshot.dtype) for n in weight_norms])
-        if scale is not None:
-            weight_norms = weight_norms / scale.to(weight_norms.dtype)
-        self._host.queue(step, gen, True, [gathered, gathered_vectors, weight_norms], hists)
-
     # -- reading -------------------------------------------------------------------------------------
 
     def latest(self) -> dict[str, dict[str, float | bool | None]]:
@@ -785,80 +324,25 @@ class DeltaMonitor:
         gradient of a frozen weight) is ``None``. Reading synchronises with the device once; the
         values are this rank's (``global_stats`` applies to the logs).
         """
-        if self._latest is None:
+        if self._backward.latest is None:
             return {}
-        snapshot, gen = self._latest
+        snapshot, gen = self._backward.latest
         table = self._host.layout.table(snapshot.cpu().double().numpy()[None], np.array([gen]))
         return table[0].as_dict(self._names)
-
-    # -- where a non-finite value was born ---------------------------------------------------------------
-
-    def _read_births(self, wait: bool) -> None:
-        """Read the births of non-finite values into ``_births`` (steps, from the pass numbers) and write the new
-        ones to the log: from the copy a logged step started (when it has arrived, or waited for), or, with
-        ``wait``, from the device buffer itself (a host sync)."""
-        if self._births_copy is not None and (wait or self._births_copy[0].ready()):
-            (births,), upto = self._births_copy[0].wait(), self._births_copy[1]
-            self._births_copy = None
-            self._take_births(births, upto)
-        if wait:
-            self._take_births(self._finite.births.cpu().numpy(), self._schedule.passes)
-
-    def _take_births(self, births: np.ndarray, upto: int) -> None:
-        new = []
-        for row, k in zip(*np.nonzero(births >= 0)):
-            key = (int(row), int(k))
-            if key not in self._births:
-                number = int(births[row, k])
-                self._births[key] = self._pass_steps.get(number, number)
-                new.append(key)
-        # (pass numbers before the copy's are read; with a GradScaler the last one may still be settled)
-        for number in [n for n in self._pass_steps if n < upto - 1]:
-            del self._pass_steps[number]
-        if new and self._sink is not None:  # one event per layer: its first birth, the tensor nonfinite() would name
-            first: dict[int, Nonfinite] = {}
-            for birth in self.nonfinite(all=True, read=False):
-                first.setdefault(self._names.index(birth.layer), birth)
-            with self._host.lock:
-                for row, birth in first.items():
-                    if row not in self._births_written:
-                        self._births_written.add(row)
-                        code = float(NONFINITE_TENSORS.index(birth.tensor) + 1)
-                        event = _events.ScalarEvents([f"nonfinite/{birth.layer}"]).event(
-                            birth.step, time.time(), [code]
-                        )
-                        self._host.sink.write(event)
-        if new and self._sink is not None and self._host.warn_nonfinite:
-            self._host.warn_once("nonfinite-birth", f"a NaN or Inf was born in {self.nonfinite(read=False)}")
 
     def nonfinite(self, all: bool = False, read: bool = True) -> Nonfinite | list[Nonfinite] | None:
         """Where the first non-finite value (NaN or Inf) of the run was born: a :class:`Nonfinite` (``step``,
         ``layer``, ``tensor``), or ``None`` while every δ, ∂C/∂W, ∂C/∂b and layer input was finite; with ``all``,
         the first birth of each layer and tensor, earliest first.
 
-        Every backward pass, logged or not, checks these tensors (see the class docstring); reading synchronises
-        with the device once. At the first step with a birth, a non-finite *input* is named first (forward ran
-        before backward), at the layer nearest the model's input; else a non-finite δ or ∂C/∂b at the layer
-        backward reached first (nearest the output: BP2 carries it to every layer below); else ∂C/∂W (an
-        overflow of finite δ and inputs). Steps a GradScaler skipped for overflow are not births
+        Every backward pass, logged or not, checks these tensors; reading synchronises with the device once. At
+        the first step with a birth: a non-finite input first (nearest the model's input), else δ or ∂C/∂b
+        (nearest the output), else ∂C/∂W (docs/monitor.md). GradScaler overflows are not births
         (:attr:`skipped_steps`). ``read=False``: what was read already, without a host sync."""
         if read:
-            self._read_births(wait=True)
-        if not self._births:
-            return [] if all else None
-        order = {"input": 0, "delta": 1, "bias_grad": 1, "weight_grad": 2}
-
-        def rank(key: tuple[int, int]) -> tuple:
-            row, k = key
-            tensor = NONFINITE_TENSORS[k]
-            position = -row if tensor == "input" else row  # rows are in backward order (the output layer first)
-            return (self._births[key], order[tensor], position, k)
-
-        ranked = [
-            Nonfinite(self._births[key], self._names[key[0]], NONFINITE_TENSORS[key[1]])
-            for key in sorted(self._births, key=rank)
-        ]
-        return ranked if all else ranked[0]
+            self._backward.read_births(wait=True)
+        ranked = self._backward.ranked_births()
+        return ranked if all else (ranked[0] if ranked else None)
 
     @property
     def first_nonfinite(self) -> str | None:
@@ -912,45 +396,3 @@ class DeltaMonitor:
 
         history = self.history()
         return _report.format_report({name: history}, {name: _report.analyze(history)})
-
-
-def _check_count(name: str, value: Any) -> int:
-    """``every``, ``histogram_every``, ``image_every`` or ``max_history``, checked (as given to the constructor)."""
-    low = 0 if name in ("histogram_every", "image_every") else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"DeltaMonitor: {name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _monitors_of(layers: dict[str, nn.Module]) -> list[DeltaMonitor]:
-    """The monitors attached to any of ``layers``."""
-    others: list[DeltaMonitor] = []
-    for layer in layers.values():
-        other = _owner(layer)
-        if other is not None and other not in others:
-            others.append(other)
-    return others
-
-
-def _replace(others: list[DeltaMonitor]) -> None:
-    """Close ``others``, with one warning each: a new monitor on a monitored model replaces the old one (a
-    notebook cell run again leaves the old one attached, and no handle to it)."""
-    for other in others:
-        warnings.warn(
-            f"DeltaMonitor: closing the monitor already on this model ({other._log_shown()}, last step "
-            f"{other.step}): the new one replaces it",
-            stacklevel=3,
-        )
-        other.close()
-
-
-def _unwrap(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"DeltaMonitor: expected a torch.nn.Module, got {type(model).__name__}")
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if inner is None and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner

@@ -602,25 +602,9 @@ _SummaryWriter: type | None = None
 def _summary_writer_class() -> type:
     global _SummaryWriter
     if _SummaryWriter is None:
-        from torch.utils.tensorboard.writer import FileWriter
-        from torch.utils.tensorboard.writer import SummaryWriter as TorchSummaryWriter
+        from .. import _torch_private  # (here: this module imports no torch until a writer is made)
 
-        class _FileWriter(FileWriter):
-            def __init__(self, log_dir: str, filename_suffix: str = "", on_error: str = "raise") -> None:
-                self.event_writer = EventFile(log_dir, filename_suffix, on_error=on_error)  # (no tensorboard thread)
-
-        class SummaryWriter(TorchSummaryWriter):
-            """torch's SummaryWriter, writing through a :class:`torchbp.monitor.events.EventFile`."""
-
-            def __init__(self, *args, on_error: str = "raise", **kwargs) -> None:
-                self.on_error = on_error  # (before torch's __init__ opens the first file writer)
-                super().__init__(*args, **kwargs)
-
-            def _get_file_writer(self):
-                if self.all_writers is None or self.file_writer is None:
-                    self.file_writer = _FileWriter(self.log_dir, self.filename_suffix, self.on_error)
-                    self.all_writers = {self.file_writer.get_logdir(): self.file_writer}
-                return self.file_writer
-
-        _SummaryWriter = SummaryWriter
+        _SummaryWriter = _torch_private.summary_writer_class(
+            lambda log_dir, filename_suffix, on_error: EventFile(log_dir, filename_suffix, on_error=on_error)
+        )
     return _SummaryWriter

@@ -27,20 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _torch_private
-
-#: The statistics recorded for each layer and logged step, with their TensorBoard tag prefix.
-STATS = {
-    "delta_norm": "‖Σ_n δ_n‖, the norm of the bias gradient ∂C/∂b (BP3): the layer's speed of learning",
-    "delta_fro": "‖δ‖, the Frobenius norm of δ over the whole batch (√Σ_n ‖δ_n‖²): the size of the error itself, "
-    "which a cancellation between samples cannot hide (delta_norm can be ≈ 0 while every ‖δ_n‖ is not)",
-    "delta_sample_norm_mean": "mean over samples n of ‖δ_n‖",
-    "delta_sample_norm_max": "max over samples n of ‖δ_n‖",
-    "weight_grad_norm": "‖∂C/∂W‖ (BP4)",
-    "delta_gain": "‖δ^l‖ / ‖δ^c‖ (Frobenius norms over the batch), c the monitored Linear that consumes layer l's "
-    "output through element-wise operations; <1 vanishing, >1 exploding",
-    "dead_fraction": "for a layer followed by ReLU: fraction of units with σ'(z) = 0 for every sample",
-    "delta_nonfinite": "1 if δ held a NaN or Inf, else 0",
-}
+from ..names import NONFINITE_TENSORS, NONFINITE_WORDS, STATS  # noqa: F401 (re-exported)
 
 # The columns of a layer's record, written by its backward.
 DELTA_NORM, WEIGHT_NORM, SAMPLE_MEAN, SAMPLE_MAX, FRO, COUNT, GEN, DEAD, DEAD_GEN = range(9)
@@ -48,18 +35,6 @@ COLUMNS = 9
 HISTOGRAM_BINS = 64
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}  # dtype of sums over half-precision δ
-
-
-#: The tensors whose finiteness every backward pass checks, in the columns of :class:`Finiteness`; a TensorBoard
-#: tag ``nonfinite/<layer>`` holds ``1 +`` the index of the tensor a non-finite value was born in, at its step.
-NONFINITE_TENSORS = ("delta", "input", "weight_grad", "bias_grad")
-#: How each is named in messages.
-NONFINITE_WORDS = {
-    "delta": "δ = ∂C/∂z",
-    "input": "the input a^{l-1}",
-    "weight_grad": "∂C/∂W",
-    "bias_grad": "∂C/∂b",
-}
 
 
 def _samples(t: Tensor) -> Tensor:
@@ -237,7 +212,9 @@ class Records:
         per_sample = _row_norms(_samples(delta))  # ‖δ_n‖, one pass over δ
         bias_grad = grad_bias if grad_bias is not None else delta.reshape(-1, delta.shape[-1]).sum(0)  # BP3
         grads = [bias_grad] if grad_weight is None else [bias_grad, grad_weight]
-        norms = torch._foreach_norm(grads, 2, dtype=_ACCUMULATE.get(bias_grad.dtype))  # BP3 and BP4, one pass each
+        norms = _torch_private.foreach_norm(
+            grads, 2, dtype=_ACCUMULATE.get(bias_grad.dtype)
+        )  # BP3 and BP4, one pass each
         self.batch.append(PendingRecord(row, per_sample, norms[0], norms[1] if grad_weight is not None else None))
         return per_sample
 

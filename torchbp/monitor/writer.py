@@ -16,7 +16,7 @@ from . import events as _events
 def open_writer(log, on_error: str = "warn"):
     """``(writer, owned)``: ``log`` itself if it is a ``SummaryWriter`` (not owned), else a SummaryWriter
     writing to the directory ``log`` (created if needed; owned: closed by the monitor)."""
-    if hasattr(log, "add_scalar") and hasattr(log, "_get_file_writer"):
+    if _torch_private.is_summary_writer(log):
         return log, False
     if not isinstance(log, (str, os.PathLike)):
         raise TypeError(f"DeltaMonitor: log must be a directory path or a SummaryWriter, got {type(log).__name__}")
@@ -37,6 +37,26 @@ def open_writer(log, on_error: str = "warn"):
 
         return SummaryWriter(path, flush_secs=1), True  # (wandb watches the directories of the writers it patched)
     return _events.summary_writer(path, on_error=on_error), True
+
+
+def open_for(monitor, log, log_rank, replaced):
+    """The writer of ``monitor`` (rank ``monitor.rank`` of ``monitor.world_size``) for its ``log`` argument:
+    ``(writer, owns_writer, sink, claim)``, all ``None`` (and ``False``) where this rank does not write. The
+    directory is claimed first (one open monitor per directory; those in ``replaced`` give theirs up), and
+    released if the writer cannot be opened."""
+    claim = None
+    if log is not None and (log_rank is None or monitor.rank == log_rank):
+        if log_rank is None and monitor.world_size > 1 and isinstance(log, (str, os.PathLike)):
+            log = os.path.join(os.fspath(log), f"rank{monitor.rank}")
+        owned = isinstance(log, (str, os.PathLike))
+        claim = claim_directory(log, monitor, monitor._names, owned, replaced)
+        try:
+            log_writer, owns = open_writer(log, monitor.on_error)
+        except BaseException:
+            release_directory(claim)
+            raise
+        return log_writer, owns, _Sink(log_writer, monitor.on_error), claim
+    return None, False, None, claim
 
 
 def _wandb_syncs_tensorboard() -> bool:
@@ -92,7 +112,7 @@ class _Sink:
         self.guarded(self._write, data, events=1)
 
     def _write(self, data: bytes) -> None:
-        file_writer = self.writer._get_file_writer()
+        file_writer = _torch_private.file_writer_of(self.writer)
         if file_writer is not self._file_writer:  # (a new one after the writer was closed and reopened)
             self._file_writer = file_writer
             self._add = _torch_private.serialized_event_writer(file_writer) or self._parse_and_add
@@ -146,6 +166,14 @@ def log_directory(log) -> str | None:
         return os.fspath(log)
     logdir = getattr(log, "get_logdir", None)
     return str(logdir()) if callable(logdir) else None
+
+
+def log_shown(claim: Claim | None, log_writer) -> str:
+    """Where a monitor logs, for a message: ``logging to '<directory>'``, or ``without a log``."""
+    directory = claim.shown if claim is not None else None
+    if directory is None and log_writer is not None:
+        directory = log_directory(log_writer)
+    return f"logging to {directory!r}" if directory is not None else "without a log"
 
 
 def claim_directory(log, monitor, names, owned: bool, replaced=()) -> Claim | None:
