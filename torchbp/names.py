@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["STATS", "ROOT_NAME", "NONFINITE_TENSORS", "NONFINITE_WORDS", "Nonfinite"]
+__all__ = ["STATS", "ROOT_NAME", "LINKS_TAG", "NONFINITE_TENSORS", "NONFINITE_WORDS", "Nonfinite"]
 
 #: The statistics recorded for each layer and logged step, with their TensorBoard tag prefix.
 STATS = {
@@ -24,6 +24,10 @@ STATS = {
     "dead_fraction": "for a layer followed by ReLU: fraction of units with σ'(z) = 0 for every sample",
     "delta_nonfinite": "1 if δ held a NaN or Inf, else 0",
 }
+
+#: The tag of the text summary that holds the data flow's links between the monitored layers (written once per
+#: event file; read back by the report).
+LINKS_TAG = "torchbp/links"
 
 #: The name of a monitored layer that is the model itself (a bare ``torchbp.nn.Linear``): its qualified name is
 #: empty, and a tag needs one (``delta_norm/model``).

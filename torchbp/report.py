@@ -94,7 +94,7 @@ from typing import Any
 
 import numpy as np
 
-from torchbp.names import NONFINITE_TENSORS, NONFINITE_WORDS, ROOT_NAME, STATS, Nonfinite
+from torchbp.names import LINKS_TAG, NONFINITE_TENSORS, NONFINITE_WORDS, ROOT_NAME, STATS, Nonfinite
 
 __all__ = [
     "History",
@@ -265,8 +265,6 @@ def _links(acc, layers: list[str]) -> list[tuple[str, str]] | None:
     """The data flow's ``(producer, consumer)`` links the monitor wrote (its text summary, see
     :func:`torchbp.monitor.host.links_event`), between ``layers``, network order; ``None`` for a log without
     them (written before the monitor wrote its links)."""
-    from torchbp.monitor.host import LINKS_TAG  # (here: the monitor may import this module)
-
     if LINKS_TAG not in acc.Tags().get("tensors", []):
         return None
     known, found = set(layers), set()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..names import LINKS_TAG
 from . import dataflow, ranks
 from . import events as _events
 from .records import (
@@ -57,7 +58,6 @@ IMAGE_SHARE = 0.01
 #: The most steps :meth:`History.read` holds (see :class:`History`).
 MAX_HISTORY = 2048
 #: The tag of the text summary that holds the data flow's links (see :func:`links_event`).
-LINKS_TAG = "torchbp/links"
 
 
 def links(names: list[str], consumes: np.ndarray) -> list[tuple[str, str]]:
