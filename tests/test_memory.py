@@ -178,3 +178,24 @@ def test_an_in_place_change_of_a_saved_tensor_raises_like_torch():
         x.add_(1)  # a^0, which BP4 of the first layer reads
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+def test_a_monitor_that_rarely_logs_holds_a_bounded_map_of_steps():
+    """With a step callable the monitor maps each backward pass to its step until the pass's finiteness flags are
+    read (at a logged step): a monitor that logs once in a long while still holds at most PASS_STEPS_HELD of them,
+    and a NaN born past that bound is found at its step."""
+    from torchbp.monitor.backward import PASS_STEPS_HELD
+
+    model = torchbp.nn.Sequential(torchbp.nn.Linear(3, 4), torchbp.nn.ReLU(), torchbp.nn.Linear(4, 2))
+    steps = iter(range(10**9))
+    step = [0]
+    with torchbp.DeltaMonitor(model, every=10**9, step=lambda: step[0]) as monitor:
+        x = torch.randn(2, 3)
+        for _ in range(PASS_STEPS_HELD + 200):
+            step[0] = 7 + next(steps)  # (a step that is not the pass number)
+            model(x).sum().backward()
+            assert len(monitor._backward.pass_steps) <= PASS_STEPS_HELD
+        step[0] += 1
+        model(torch.full((2, 3), float("nan"))).sum().backward()
+        born = step[0]
+    assert monitor.nonfinite() == (born, "0", "input")

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 
 _scaler_scale = _torch_private.grad_scaler_scale  # (the scale tensor, no host sync)
 
+#: The most backward passes whose step differs from their pass number (a step callable) held until their births
+#: are read: past it, the births are read at once (one host sync), so memory stays bounded however rarely the
+#: monitor logs.
+PASS_STEPS_HELD = 4096
+
 
 class _EndOfBackward:
     """The end-of-backward callback of one backward pass: a fresh object per pass, so that a weak reference
@@ -117,7 +122,11 @@ class Backward:
         if task != self.task and not self.nested(task):  # the first of a new backward pass
             self.task = task
             plan = self.monitor._schedule.begin()
-            self.pass_steps[self.monitor._schedule.passes - 1] = plan.step
+            number = self.monitor._schedule.passes - 1
+            if plan.step != number:  # (counting backward passes, the step is the pass number: nothing to hold)
+                self.pass_steps[number] = plan.step
+                if len(self.pass_steps) > PASS_STEPS_HELD:
+                    self.read_births(wait=True)
             if plan.record:
                 self.monitor._records.hists = {}
                 if self.monitor.per_sample_norms:
