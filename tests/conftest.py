@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch._dynamo
 from helpers import CUDA_SKIP_REASON, DEVICES
 from hypothesis import Phase, settings
 
@@ -32,6 +33,17 @@ settings.load_profile("torchbp")
 def _seed():
     """Every test starts from the same RNG state, so a failure reproduces."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters emptied before the test, and its compile stance back at the default after
+    (tests that count graphs and recompilations; tests that force a stance)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()
 
 
 @pytest.fixture(params=DEVICES)

@@ -694,14 +694,6 @@ def test_gradcheck_with_forward_ad_on_the_loop(model):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def capturing(backend: str, graphs: list):
     """A compile backend that keeps Dynamo's graph, then hands it to ``backend``."""
     from torch._dynamo.backends.registry import lookup_backend

@@ -32,19 +32,10 @@ from helpers import (
 
 import torchbp
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*TF32.*")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*TF32.*"), pytest.mark.usefixtures("fresh_dynamo")]
 
 MODELS = {"mixed": mixed_mlp, "relu_inplace": lambda: relu_mlp(inplace=True), "nested": nested}
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch.compiler.set_stance("default")
-    torch._dynamo.reset()
 
 
 def batches(device, dtype, steps, n=16):

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from test_monitor import read_events, scalar_series
+from helpers import read_events, scalar_series
 
 import torchbp
 from torchbp import report

@@ -16,20 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from test_monitor import read_events, scalar_series
+from helpers import read_events, scalar_series
 from torch import nn
 
 import torchbp
 from torchbp import report
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch.compiler.set_stance("default")
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def mlp(seed=0):

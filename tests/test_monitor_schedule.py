@@ -34,16 +34,7 @@ import torchbp.monitor.records as records_module
 from torchbp.monitor.host import History
 from torchbp.monitor.records import LayerSlot as Slot
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*TF32.*")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch.compiler.set_stance("default")
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.filterwarnings("ignore:.*TF32.*"), pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def batches(steps, n=16, dtype=torch.float64):
